@@ -1,0 +1,384 @@
+"""Reliable command channel: handshake, retransmission, exactly-once resolution.
+
+One background *link thread* owns the port: it (re)opens it, performs the
+HELLO handshake, sends heartbeats, reads and dispatches every frame. Callers
+of :meth:`ReliableChannel.request` (serialised: one command in flight) write
+their COMMAND frame and wait for its answer.
+
+Exactly-once scheme
+-------------------
+* The host picks a random 32-bit session id; sequence numbers restart at 1
+  per session, so frames of different host sessions never collide.
+* The device stores the answer of the last ``dedup_size`` commands by seq and
+  answers a repeat with the stored answer, without applying it again; a seq
+  at or below the highest seen and no longer stored is refused (STALE_SEQ).
+* A plain timeout leads to retransmission of the identical frame (safe by
+  the rule above) with exponential backoff until the deadline.
+* After a reconnect (new handshake) a command that was already transmitted
+  is first resolved with STATUS_QUERY: the stored answer comes back if it was
+  applied, NOT_RECEIVED means it is safe to send, anything else (device
+  rebooted, answer evicted) ends the send with :class:`OutcomeUnknown`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import (BridgeClosed, CommandRejected, DeadlineExceeded, DeviceUnreachable,
+                     HandshakeError, OutcomeUnknown, PortUnavailable, SafeStateActive)
+from .framing import PROTOCOL_VERSION, Frame, FrameDecoder, encode_frame
+from .messages import (HELLO, CommandFate, DeviceState, ErrorCode, MsgType, Reply,
+                       parse_reply)
+from .transport import SerialTransport
+
+
+@dataclass
+class ChannelStats:
+    """Counters for diagnostics (read without locking; values are approximate)."""
+
+    connects: int = 0
+    disconnects: int = 0
+    handshakes: int = 0
+    commands: int = 0
+    transmissions: int = 0
+    retransmissions: int = 0
+    status_queries: int = 0
+    heartbeats: int = 0
+    telemetry: int = 0
+    stray_frames: int = 0
+    last_error: str = ""
+    decoder: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """Timing options of the reliable channel (seconds unless noted)."""
+
+    retry_initial: float = 0.05     # first retransmission timeout
+    retry_backoff: float = 2.0      # multiplier per retransmission
+    retry_max: float = 0.5          # cap of the retransmission timeout
+    hello_interval: float = 0.1     # handshake retry period
+    reconnect_min: float = 0.02     # first wait before re-opening a vanished port
+    reconnect_max: float = 0.5      # cap of that wait
+    heartbeat_interval: float | None = 0.1  # None disables heartbeats
+    watchdog_ms: int = 0            # watchdog asked from the device (0 = its default)
+
+
+class ReliableChannel:
+    """Protocol layer between :class:`SerialTransport` and :class:`~firmware_bridge.Bridge`.
+
+    Parameters
+    ----------
+    transport : SerialTransport
+        Unopened transport; the link thread opens and reopens it.
+    options : ChannelOptions
+        Timing.
+    """
+
+    def __init__(self, transport: SerialTransport, options: ChannelOptions | None = None) -> None:
+        self.transport = transport
+        self.opts = options or ChannelOptions()
+        self.session = secrets.randbits(32) or 1
+        self.stats = ChannelStats()
+        self.device_name = ""
+        self.dedup_size = 0
+        self.watchdog_ms = 0
+        self._decoder = FrameDecoder()
+        self._cv = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._seq = 0
+        self._hb_seq = 0
+        self._hello_seq = 0
+        self._link_up = False
+        self._ready = False
+        self._broken = False
+        self._epoch = 0
+        self._boot_id: int | None = None
+        self._handshake_error: HandshakeError | None = None
+        self._waiting: set[int] = set()
+        self._replies: dict[int, Reply] = {}
+        self._state: DeviceState | None = None
+        self._state_time = 0.0
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="firmware-bridge-link", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def ready(self) -> bool:
+        """True while the port is open and the handshake is done."""
+        return self._ready
+
+    @property
+    def link_up(self) -> bool:
+        return self._link_up
+
+    @property
+    def last_state(self) -> tuple[DeviceState | None, float]:
+        """Last device state seen and its ``time.monotonic()`` timestamp."""
+        return self._state, self._state_time
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until handshaked, closed, or ``timeout``; return readiness."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._ready or self._closed or self._handshake_error,
+                              timeout)
+            if self._handshake_error is not None:
+                raise self._handshake_error
+            return self._ready
+
+    def request(self, payload: bytes, *, command: str, deadline: float,
+                max_attempts: int | None = None) -> tuple[Reply, int, int, float]:
+        """Send one COMMAND and return ``(ack, seq, attempts, rtt_s)``.
+
+        Raises
+        ------
+        CommandRejected, SafeStateActive
+            The device answered NACK (not applied).
+        DeadlineExceeded, DeviceUnreachable, OutcomeUnknown
+            No definite answer; see the exception's ``applied`` attribute.
+        BridgeClosed
+            The channel was closed while waiting.
+        """
+        with self._send_lock:
+            self._seq += 1
+            seq = self._seq
+            frame = encode_frame(MsgType.COMMAND, self.session, seq, payload)
+            t_end = time.monotonic() + deadline
+            rto = self.opts.retry_initial
+            transmitted = False
+            sent_epoch = sent_boot = None
+            attempts = 0
+            t_first = 0.0
+            self.stats.commands += 1
+            with self._cv:
+                self._waiting.add(seq)
+                self._replies.pop(seq, None)
+            try:
+                while True:
+                    with self._cv:
+                        ok = self._cv.wait_for(
+                            lambda: self._ready or self._closed or self._handshake_error,
+                            max(0.0, t_end - time.monotonic()))
+                        epoch, boot = self._epoch, self._boot_id
+                        reply = self._replies.pop(seq, None)
+                    if self._closed:
+                        raise BridgeClosed(f"bridge closed while sending {command!r} (seq {seq})")
+                    if self._handshake_error is not None:
+                        raise self._handshake_error
+                    if reply is not None:
+                        result = self._conclude(reply, command, seq)
+                        if result is not None:
+                            return result, seq, attempts, time.monotonic() - t_first
+                    if not ok:
+                        raise self._failure(command, seq, transmitted, attempts, deadline)
+                    if transmitted and boot != sent_boot:
+                        raise OutcomeUnknown(
+                            f"{command} (seq {seq}): device restarted while the command was in "
+                            f"flight; it may or may not have been applied before the restart",
+                            command=command, seq=seq, applied=None)
+                    if transmitted and epoch != sent_epoch:
+                        # Reconnected: ask before resending, answer decides.
+                        self.stats.status_queries += 1
+                        self._write(encode_frame(MsgType.STATUS_QUERY, self.session, seq))
+                        sent_epoch = epoch  # resolved on this link unless it drops again
+                    else:
+                        if transmitted:
+                            self.stats.retransmissions += 1
+                        else:
+                            t_first = time.monotonic()
+                        self._write(frame)
+                        transmitted, sent_epoch, sent_boot = True, epoch, boot
+                        attempts += 1
+                        self.stats.transmissions += 1
+                    wait = min(rto, t_end - time.monotonic())
+                    with self._cv:
+                        self._cv.wait_for(lambda: seq in self._replies or self._closed
+                                          or self._epoch != epoch or not self._ready,
+                                          max(0.0, wait))
+                        reply = self._replies.pop(seq, None)
+                    if reply is not None:
+                        result = self._conclude(reply, command, seq)
+                        if result is not None:
+                            return result, seq, attempts, time.monotonic() - t_first
+                        continue  # STATUS NOT_RECEIVED: send now
+                    if time.monotonic() >= t_end or (max_attempts and attempts >= max_attempts):
+                        raise self._failure(command, seq, transmitted, attempts, deadline)
+                    rto = min(rto * self.opts.retry_backoff, self.opts.retry_max)
+            finally:
+                with self._cv:
+                    self._waiting.discard(seq)
+                    self._replies.pop(seq, None)
+
+    def close(self) -> None:
+        """Stop the link thread and close the port (idempotent)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self.transport.close()
+
+    # ----------------------------------------------------------------- helpers
+    def _conclude(self, reply: Reply, command: str, seq: int) -> Reply | None:
+        """Map a reply to return / raise; ``None`` means 'send the command now'."""
+        if reply.msg_type == MsgType.ACK:
+            return reply
+        if reply.msg_type == MsgType.STATUS:
+            if reply.code == CommandFate.NOT_RECEIVED:
+                return None
+            raise OutcomeUnknown(f"{command} (seq {seq}): device no longer remembers this "
+                                 f"command; it may or may not have been applied",
+                                 command=command, seq=seq, applied=None)
+        code = reply.code
+        if code == ErrorCode.STALE_SEQ:
+            raise OutcomeUnknown(f"{command} (seq {seq}): device reports a stale sequence number",
+                                 command=command, seq=seq, applied=None)
+        try:
+            reason = ErrorCode(code).name
+        except ValueError:
+            reason = f"ERROR_{code}"
+        cls = SafeStateActive if code == ErrorCode.SAFE_STATE else CommandRejected
+        hint = " (device is in safe state: restore heartbeats, then send 'resume')" \
+            if cls is SafeStateActive else ""
+        raise cls(f"device rejected {command} (seq {seq}): {reason}{hint}", code=code,
+                  reason=reason, state=reply.state, command=command, seq=seq)
+
+    def _failure(self, command: str, seq: int, transmitted: bool, attempts: int,
+                 deadline: float) -> Exception:
+        applied = None if transmitted else False
+        fate = "it may have been applied" if transmitted else "it was never sent"
+        if not self._link_up:
+            return DeviceUnreachable(
+                f"{command} (seq {seq}) failed: port {self.transport.port!r} unavailable for the "
+                f"whole {deadline:.3g} s deadline ({self.stats.last_error or 'not open'}); {fate}",
+                command=command, seq=seq, applied=applied)
+        if not self._ready:
+            return DeadlineExceeded(
+                f"{command} (seq {seq}) failed: device on {self.transport.port!r} did not answer "
+                f"the handshake within {deadline:.3g} s (silent device?); {fate}",
+                command=command, seq=seq, applied=applied)
+        return DeadlineExceeded(
+            f"{command} (seq {seq}) failed: no answer after {attempts} attempt(s) in "
+            f"{deadline:.3g} s; {fate}", command=command, seq=seq, applied=applied)
+
+    def _write(self, data: bytes) -> bool:
+        try:
+            self.transport.write(data)
+            return True
+        except PortUnavailable as exc:
+            # Only the link thread closes the port; flag it so it does.
+            self.stats.last_error = str(exc)
+            self._broken = True
+            return False
+
+    # ------------------------------------------------------------- link thread
+    def _run(self) -> None:
+        backoff = self.opts.reconnect_min
+        next_hello = next_hb = 0.0
+        while not self._stop.is_set():
+            if not self.transport.is_open:
+                try:
+                    self.transport.open()
+                except PortUnavailable as exc:
+                    self.stats.last_error = str(exc)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self.opts.reconnect_max)
+                    continue
+                backoff = self.opts.reconnect_min
+                self._decoder.reset()
+                self._broken = False
+                self.stats.connects += 1
+                with self._cv:
+                    self._link_up = True
+                    self._ready = False
+                    self._cv.notify_all()
+                next_hello = 0.0
+            now = time.monotonic()
+            if not self._ready and now >= next_hello:
+                self._hello_seq += 1
+                self._write(encode_frame(MsgType.HELLO, self.session, self._hello_seq,
+                                         HELLO.pack(self.opts.watchdog_ms)))
+                next_hello = now + self.opts.hello_interval
+            hb = self.opts.heartbeat_interval
+            if self._ready and hb and now >= next_hb:
+                self._hb_seq += 1
+                self.stats.heartbeats += 1
+                self._write(encode_frame(MsgType.HEARTBEAT, self.session, self._hb_seq))
+                next_hb = now + hb
+            timeout = 0.05
+            if not self._ready:
+                timeout = min(timeout, max(0.0, next_hello - now))
+            elif hb:
+                timeout = min(timeout, max(0.0, next_hb - now))
+            try:
+                if self._broken:
+                    raise PortUnavailable(self.stats.last_error or "write failed")
+                data = self.transport.read(timeout)
+            except PortUnavailable as exc:
+                self.stats.last_error = str(exc)
+                self.stats.disconnects += 1
+                self.transport.close()
+                with self._cv:
+                    self._link_up = self._ready = False
+                    self._cv.notify_all()
+                continue
+            if data:
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+        self.stats.decoder = vars(self._decoder.stats)
+
+    def _dispatch(self, f: Frame) -> None:
+        if f.version != PROTOCOL_VERSION:
+            with self._cv:
+                self._handshake_error = HandshakeError(
+                    f"device speaks protocol version {f.version}, host speaks {PROTOCOL_VERSION}")
+                self._cv.notify_all()
+            return
+        reply = parse_reply(f.msg_type, f.session, f.seq, f.payload)
+        if reply is None or f.session != self.session:
+            self.stats.stray_frames += 1  # malformed, or from another host session
+            return
+        if reply.state is not None:
+            self._state, self._state_time = reply.state, time.monotonic()
+        t = reply.msg_type
+        if t == MsgType.HELLO_ACK:
+            if reply.proto != PROTOCOL_VERSION:
+                with self._cv:
+                    self._handshake_error = HandshakeError(
+                        f"device protocol {reply.proto} != host protocol {PROTOCOL_VERSION}")
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                if not self._ready:
+                    self.device_name, self.dedup_size = reply.name, reply.dedup_size
+                    self.watchdog_ms = reply.watchdog_ms
+                    self._boot_id = reply.state.boot_id if reply.state else None
+                    self._ready = True
+                    self._epoch += 1
+                    self.stats.handshakes += 1
+                    self._cv.notify_all()
+            return
+        if t == MsgType.TELEMETRY:
+            self.stats.telemetry += 1
+            return
+        if t == MsgType.NACK and reply.code == ErrorCode.BAD_SESSION:
+            # The device forgot our session (restart): handshake again.
+            with self._cv:
+                self._ready = False
+                self._cv.notify_all()
+            return
+        with self._cv:
+            if f.seq in self._waiting:
+                old = self._replies.get(f.seq)
+                # A late STATUS must not hide an ACK/NACK for the same seq.
+                if old is None or old.msg_type == MsgType.STATUS:
+                    self._replies[f.seq] = reply
+                    self._cv.notify_all()
+            else:
+                self.stats.stray_frames += 1  # duplicate / late answer

@@ -1,0 +1,449 @@
+"""Instrument emulator: the device side of the protocol on a real serial port.
+
+Runs :class:`~firmware_bridge.device.DeviceCore` behind a pty (or any serial
+port) with fault injection, and logs every command it actually applies as
+JSON Lines so exactly-once delivery can be checked from outside.
+
+CLI::
+
+    python -m firmware_bridge.emulator PORT [--corrupt P] [--drop P] [--duplicate P]
+        [--delay S] [--silent-after N] [--applied-log FILE] [--link PATH] [--seed N]
+
+``PORT`` is a serial device path / pyserial URL, or ``pty`` to create a
+pseudo-terminal and print the path the host should open.
+
+In-process (tests, pipeline demo)::
+
+    emu = start_pty_emulator(corrupt=0.01, drop=0.01, applied_log="applied.jsonl")
+    bridge = firmware_bridge.connect(emu.port)
+    emu.unplug(); emu.replug(); emu.stop()
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import signal
+import sys
+import tempfile
+import threading
+import time
+import tty
+from dataclasses import dataclass, field
+from typing import Any
+
+from cobs import cobs
+
+from .device import DeviceCore
+from .framing import decode_raw
+
+
+@dataclass
+class Faults:
+    """Fault injection probabilities, applied per frame in both directions."""
+
+    corrupt: float = 0.0     # flip one bit of the frame
+    drop: float = 0.0        # lose the frame
+    duplicate: float = 0.0   # deliver the frame twice
+    delay: float = 0.0       # seconds before each answer is written
+    silent_after: int | None = None  # stop answering after N received frames
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("corrupt", "drop", "duplicate"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} probability must be in [0, 1], got {p}")
+        if self.delay < 0:
+            raise ValueError("delay must be >= 0")
+
+
+@dataclass
+class FaultCounters:
+    frames_in: int = 0
+    frames_out: int = 0
+    corrupted_in: int = 0
+    corrupted_out: int = 0
+    dropped_in: int = 0
+    dropped_out: int = 0
+    duplicated_in: int = 0
+    duplicated_out: int = 0
+    bad_frames_in: int = 0
+
+
+class _PtyEndpoint:
+    """Master side of a pty whose slave is published under a stable symlink."""
+
+    def __init__(self, link_path: str) -> None:
+        self.link_path = link_path
+        self.master = self.slave = -1
+        self.slave_path = ""
+
+    def plug(self) -> None:
+        self.master, self.slave = os.openpty()
+        # Raw mode now, so nothing is echoed or translated before the host opens it.
+        tty.setraw(self.slave)
+        tty.setraw(self.master)
+        os.set_blocking(self.master, False)
+        self.slave_path = os.ttyname(self.slave)
+        tmp = f"{self.link_path}.{os.getpid()}.tmp"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(self.slave_path, tmp)
+        os.replace(tmp, self.link_path)  # atomic re-point, like udev
+
+    def unplug(self) -> None:
+        try:
+            os.unlink(self.link_path)
+        except FileNotFoundError:
+            pass
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.slave = -1
+
+    @property
+    def plugged(self) -> bool:
+        return self.master >= 0
+
+    def fileno(self) -> int:
+        return self.master
+
+    def read(self) -> bytes:
+        try:
+            return os.read(self.master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            return b""  # EIO: no reader on the slave side yet
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        give_up = time.monotonic() + 1.0
+        while view and time.monotonic() < give_up:
+            try:
+                view = view[os.write(self.master, view):]
+            except BlockingIOError:
+                select.select([], [self.master], [], 0.01)
+            except OSError:
+                return  # host side gone: the bytes are lost, as on a real wire
+
+
+class _SerialEndpoint:
+    """A real serial port opened with pyserial (CLI with a device path)."""
+
+    def __init__(self, port: str) -> None:
+        import serial
+        self.port = port
+        self.ser = serial.serial_for_url(port, baudrate=115200, timeout=0)
+        self.link_path = port
+        self.slave_path = port
+
+    plugged = True
+
+    def fileno(self) -> int:
+        return self.ser.fileno()
+
+    def read(self) -> bytes:
+        return self.ser.read(4096)
+
+    def write(self, data: bytes) -> None:
+        self.ser.write(data)
+
+    def unplug(self) -> None:
+        self.ser.close()
+
+    def plug(self) -> None:  # pragma: no cover - real hardware only
+        self.ser.open()
+
+
+class EmulatorHandle:
+    """A running emulator (background thread). Use :func:`start_pty_emulator`.
+
+    Attributes
+    ----------
+    port : str
+        Path the host opens (a symlink that survives unplug/replug).
+    core : DeviceCore
+        The protocol state machine (instrument state in ``core.instrument``).
+    counters : FaultCounters
+        Injected faults.
+    """
+
+    def __init__(self, endpoint: Any, faults: Faults, applied_log: str | None = None,
+                 name: str = "py-emulator") -> None:
+        self.faults = faults
+        self.counters = FaultCounters()
+        self._rng = random.Random(faults.seed)
+        self._endpoint = endpoint
+        self._lock = threading.Lock()
+        self._applied: list[dict] = []
+        self._log = open(applied_log, "a", encoding="utf-8") if applied_log else None
+        self.core = DeviceCore(on_applied=self._on_applied, name=name)
+        self.silent = False
+        self._rx = bytearray()
+        self._wake_r, self._wake_w = os.pipe()
+        self._requests: list[tuple[str, threading.Event]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="emulator", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------
+    @property
+    def port(self) -> str:
+        return self._endpoint.link_path
+
+    @property
+    def device_path(self) -> str:
+        """Current underlying tty (changes on every replug)."""
+        return self._endpoint.slave_path
+
+    @property
+    def applied(self) -> list[dict]:
+        """Copy of the applied-command records (same content as the JSONL log)."""
+        with self._lock:
+            return list(self._applied)
+
+    @property
+    def state(self) -> dict:
+        """Snapshot of the simulated instrument and protocol state."""
+        with self._lock:
+            ins = self.core.instrument
+            now = time.monotonic() * 1000
+            return {"attenuation": ins.attenuation, "exposure_us": ins.exposure_us,
+                    "gain": ins.gain, "shutter_open": ins.shutter_open,
+                    "beam_x_nm": ins.beam_x_nm, "beam_y_nm": ins.beam_y_nm,
+                    "alarm_code": ins.alarm_code, "alarm_text": ins.alarm_text,
+                    "safe_state": self.core.safe, "session": self.core.session,
+                    "applied_count": self.core.applied_count,
+                    "heartbeat_age_ms": None if self.core.last_hb_ms is None
+                    else now - self.core.last_hb_ms}
+
+    def unplug(self) -> None:
+        """Simulate pulling the cable: close the pty and remove the port path."""
+        self._request("unplug")
+
+    def replug(self) -> None:
+        """Simulate plugging back in: new pty behind the same port path."""
+        self._request("replug")
+
+    def stop(self) -> None:
+        """Stop the emulator thread, close the port and the applied log."""
+        if self._stop:
+            return
+        self._stop = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        if self._endpoint.plugged:
+            self._endpoint.unplug()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._log is not None:
+            self._log.close()
+
+    def __enter__(self) -> "EmulatorHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------
+    def _request(self, what: str) -> None:
+        done = threading.Event()
+        with self._lock:
+            self._requests.append((what, done))
+        os.write(self._wake_w, b"x")
+        if not done.wait(5):
+            raise RuntimeError(f"emulator did not process {what}")
+
+    def _on_applied(self, session: int, seq: int, command: str, args: dict) -> None:
+        rec = {"session": session, "seq": seq, "command": command, "args": args,
+               "time": time.time()}
+        self._applied.append(rec)  # called with self._lock held (see _run)
+        if self._log is not None:
+            self._log.write(json.dumps(rec) + "\n")
+            self._log.flush()
+
+    def _run(self) -> None:
+        while not self._stop:
+            ep = self._endpoint
+            fds = [self._wake_r] + ([ep.fileno()] if ep.plugged else [])
+            try:
+                r, _, _ = select.select(fds, [], [], 0.01)
+            except (OSError, ValueError):
+                r = []
+            if self._wake_r in r:
+                os.read(self._wake_r, 64)
+                self._service_requests()
+                continue
+            data = ep.read() if ep.plugged and r else b""
+            with self._lock:
+                out = self.core.tick(time.monotonic() * 1000)
+                if data:
+                    out += self._handle_bytes(data)
+            if out and not self.silent:
+                if self.faults.delay:
+                    time.sleep(self.faults.delay)
+                self._send(out)
+
+    def _service_requests(self) -> None:
+        with self._lock:
+            reqs, self._requests = self._requests, []
+        for what, done in reqs:
+            ep = self._endpoint
+            if what == "unplug" and ep.plugged:
+                ep.unplug()
+            elif what == "replug" and not ep.plugged:
+                ep.plug()
+                self._rx.clear()
+            done.set()
+
+    def _handle_bytes(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        self._rx += data
+        if b"\x00" not in data:
+            if len(self._rx) > 4096:
+                self._rx.clear()  # garbage without delimiters: bound memory
+            return out
+        *chunks, rest = bytes(self._rx).split(b"\x00")
+        self._rx = bytearray(rest)
+        f, c, rng = self.faults, self.counters, self._rng
+        now = time.monotonic() * 1000
+        for chunk in chunks:
+            if not chunk:
+                continue
+            c.frames_in += 1
+            if f.silent_after is not None and c.frames_in > f.silent_after:
+                self.silent = True
+            if f.drop and rng.random() < f.drop:
+                c.dropped_in += 1
+                continue
+            if f.corrupt and rng.random() < f.corrupt:
+                c.corrupted_in += 1
+                chunk = _flip_bit(chunk, rng)
+            copies = 1
+            if f.duplicate and rng.random() < f.duplicate:
+                c.duplicated_in += 1
+                copies = 2
+            try:
+                frame = decode_raw(cobs.decode(chunk))
+            except cobs.DecodeError:
+                frame = None
+            if frame is None:
+                c.bad_frames_in += 1
+                continue
+            if self.silent:
+                continue
+            for _ in range(copies):
+                out += self.core.receive(frame, now)
+        return out
+
+    def _send(self, frames: list[bytes]) -> None:
+        f, c, rng = self.faults, self.counters, self._rng
+        buf = bytearray()
+        for frame in frames:
+            c.frames_out += 1
+            if f.drop and rng.random() < f.drop:
+                c.dropped_out += 1
+                continue
+            if f.corrupt and rng.random() < f.corrupt:
+                c.corrupted_out += 1
+                frame = _flip_bit(frame[:-1], rng) + b"\x00"
+            buf += frame
+            if f.duplicate and rng.random() < f.duplicate:
+                c.duplicated_out += 1
+                buf += frame
+        if buf and self._endpoint.plugged:
+            self._endpoint.write(bytes(buf))
+
+
+def _flip_bit(data: bytes, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    i = rng.randrange(len(b))
+    b[i] ^= 1 << rng.randrange(8)
+    return bytes(b)
+
+
+def start_pty_emulator(*, corrupt: float = 0.0, drop: float = 0.0, duplicate: float = 0.0,
+                       delay: float = 0.0, silent_after: int | None = None,
+                       applied_log: str | None = None, link_path: str | None = None,
+                       seed: int | None = None, name: str = "py-emulator") -> EmulatorHandle:
+    """Start an emulator on a new pty in a background thread.
+
+    Parameters
+    ----------
+    corrupt, drop, duplicate : float
+        Per-frame fault probabilities, both directions.
+    delay : float
+        Seconds to wait before writing each batch of answers.
+    silent_after : int, optional
+        Stop answering after this many received frames.
+    applied_log : str, optional
+        JSON Lines file receiving one record per applied command.
+    link_path : str, optional
+        Symlink path to publish the pty under (default: in a new temp dir).
+    seed : int, optional
+        Seed of the fault RNG (reproducible runs).
+
+    Returns
+    -------
+    EmulatorHandle
+    """
+    if link_path is None:
+        link_path = os.path.join(tempfile.mkdtemp(prefix="fwb-emu-"), "ttyEMU0")
+    ep = _PtyEndpoint(link_path)
+    ep.plug()
+    return EmulatorHandle(ep, Faults(corrupt, drop, duplicate, delay, silent_after, seed),
+                          applied_log, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m firmware_bridge.emulator",
+                                description="Instrument emulator (device side of firmware_bridge).")
+    p.add_argument("port", help="serial port path/URL, or 'pty' to create a pseudo-terminal")
+    p.add_argument("--corrupt", type=float, default=0.0, help="probability to corrupt a frame")
+    p.add_argument("--drop", type=float, default=0.0, help="probability to drop a frame")
+    p.add_argument("--duplicate", type=float, default=0.0, help="probability to duplicate a frame")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    p.add_argument("--silent-after", type=int, default=None, help="go silent after N frames")
+    p.add_argument("--applied-log", default=None, help="JSON Lines log of applied commands")
+    p.add_argument("--link", default=None, help="symlink path for the pty (pty mode)")
+    p.add_argument("--seed", type=int, default=None, help="fault RNG seed")
+    a = p.parse_args(argv)
+    try:
+        faults = Faults(a.corrupt, a.drop, a.duplicate, a.delay, a.silent_after, a.seed)
+    except ValueError as exc:
+        p.error(str(exc))
+    if a.port == "pty":
+        emu = start_pty_emulator(corrupt=a.corrupt, drop=a.drop, duplicate=a.duplicate,
+                                 delay=a.delay, silent_after=a.silent_after,
+                                 applied_log=a.applied_log, link_path=a.link, seed=a.seed)
+    else:
+        try:
+            ep = _SerialEndpoint(a.port)
+        except Exception as exc:  # noqa: BLE001 - report any open failure clearly
+            print(f"error: cannot open {a.port}: {exc}", file=sys.stderr)
+            return 2
+        emu = EmulatorHandle(ep, faults, a.applied_log)
+    print(emu.port, flush=True)
+    print(f"emulator ready on {emu.port} (tty {emu.device_path}); Ctrl-C to stop",
+          file=sys.stderr, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
