@@ -1,0 +1,383 @@
+"""Frame simulator with ground truth: the embedded default frame source.
+
+Physically plausible still frames of a crystal on a pixel-array detector:
+
+* Bragg spots: 2-D Gaussian profiles integrated exactly over each pixel (erf
+  differences), Wilson-like (exponential) intensities falling off with
+  resolution, a minimum separation so the truth is unambiguous;
+* background: air scatter falling with radius, a broad solvent ring near
+  3.2 A, a flat floor, all scaled by flux, then Poisson noise;
+* optional ice rings at the ice Ih d-spacings; module gaps (-1), known bad
+  pixels (-2), unknown dead (0) and hot pixels; a beamstop disc with its arm.
+
+Everything is reproducible from ``seed``. Layouts are EIGER-like from 1M
+(1065 x 1030) to 16M (4371 x 4150), see :data:`edge.geometry.LAYOUTS`.
+
+Anomaly knobs (used by the anomaly model's training data and by scripted
+scenarios): ``flux=0`` (no beam), ``crystal=False`` (blank), ``beam_offset``
+(beam away from where the geometry says), ``overload`` (spots far above the
+count cutoff), ``dead_modules`` / ``hot_cluster``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import math
+
+from .geometry import LAYOUTS, Geometry
+
+__all__ = ["SimConfig", "SimFrame", "simulate", "ICE_D_SPACINGS", "spot_snr"]
+
+#: Ice Ih powder lines (Angstrom) with relative intensities.
+ICE_D_SPACINGS = np.array([3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883, 1.721])
+ICE_REL_INTENSITY = np.array([1.0, 0.6, 0.55, 0.25, 0.3, 0.2, 0.05, 0.15, 0.12, 0.04])
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Parameters of one simulated frame (all lengths in pixels unless noted).
+
+    Attributes
+    ----------
+    layout : str
+        Detector layout name ("1m", "4m", "9m", "16m").
+    distance_mm, wavelength_A : float
+        Detector distance and wavelength.
+    beam_center : (float, float) or None
+        Where the geometry says the beam is ``(x, y)``; default the centre.
+    beam_offset : (float, float)
+        True beam position minus ``beam_center`` (anomaly: beam off centre).
+    flux : float
+        Scales background and spots; 0 = no beam (only dark noise remains).
+    crystal : bool
+        False gives a blank frame (beam on, no diffraction).
+    n_spots : int
+        Number of Bragg spots (before the minimum-separation cull).
+    spot_sigma : (float, float)
+        Range of spot profile sigma in pixels.
+    mean_intensity : float
+        Mean spot intensity (counts) at low resolution; Wilson-like falloff.
+    b_factor : float
+        Resolution falloff ``exp(-b / (4 d^2))`` in A^2.
+    d_min : float
+        Highest resolution of spots (A).
+    background : float
+        Background scale (counts per pixel at the solvent ring peak).
+    ice_rings : bool
+        Add ice Ih rings.
+    ice_strength : float
+        Ice ring peak counts per pixel (strongest line).
+    saturation : float
+        Count cutoff; values are clipped to it.
+    overload : float
+        Multiplies spot intensities (anomaly: saturation when large).
+    n_hot, n_dead, n_bad : int
+        Unknown hot pixels, unknown dead pixels, known bad pixels (-2).
+    beamstop_radius : float
+        Beamstop shadow radius in pixels (0 = none).
+    dead_modules : int
+        Modules reading zero (anomaly: detector fault).
+    hot_cluster : bool
+        A cluster of hot pixels (anomaly: detector fault).
+    min_separation : float
+        Minimum distance between spot centres in pixels.
+    dtype : str
+        Output dtype ("int32" with -1/-2 markers, or "uint32"/"uint16" with
+        markers mapped to the dtype maximum and 0).
+    """
+
+    layout: str = "1m"
+    distance_mm: float = 120.0
+    wavelength_A: float = 0.98
+    beam_center: tuple[float, float] | None = None
+    beam_offset: tuple[float, float] = (0.0, 0.0)
+    flux: float = 1.0
+    crystal: bool = True
+    n_spots: int = 300
+    spot_sigma: tuple[float, float] = (0.6, 1.1)
+    mean_intensity: float = 400.0
+    b_factor: float = 20.0
+    d_min: float = 1.8
+    background: float = 3.0
+    ice_rings: bool = False
+    ice_strength: float = 30.0
+    saturation: float = 100000.0
+    overload: float = 1.0
+    n_hot: int = 20
+    n_dead: int = 50
+    n_bad: int = 100
+    beamstop_radius: float = 25.0
+    dead_modules: int = 0
+    hot_cluster: bool = False
+    min_separation: float = 8.0
+    dtype: str = "int32"
+
+    def geometry(self) -> Geometry:
+        """The geometry the instrument *believes* (beam at ``beam_center``)."""
+        return Geometry.for_layout(self.layout, distance_mm=self.distance_mm, wavelength_A=self.wavelength_A,
+                                   beam_center=self.beam_center, saturation=self.saturation)
+
+
+@dataclass
+class SimFrame:
+    """A simulated frame and its ground truth.
+
+    Attributes
+    ----------
+    frame : ndarray
+        The detector frame (counts; -1 gaps and -2 bad pixels for int32).
+    geometry : Geometry
+        Geometry as configured (with the module-gap mask).
+    spots : dict of ndarray
+        Truth per spot: ``x``, ``y`` (pixels), ``intensity`` (counts recorded
+        on valid pixels), ``sigma`` (profile width, px), ``background``
+        (expected counts/pixel under the spot), ``snr`` (see :func:`spot_snr`).
+    expected_background : ndarray of float32
+        Noise-free background counts per pixel.
+    config : SimConfig
+    """
+
+    frame: np.ndarray
+    geometry: Geometry
+    spots: dict
+    expected_background: np.ndarray = field(repr=False)
+    config: SimConfig = field(repr=False, default_factory=SimConfig)
+
+
+def spot_snr(intensity, background, sigma):
+    """Signal-to-noise ratio of a Gaussian spot with optimal (profile) weighting.
+
+    ``I / sqrt(I + B * 4 pi sigma^2)``, with ``B`` the background counts per
+    pixel and ``4 pi sigma^2`` the effective pixel count of the profile.
+    """
+    intensity = np.asarray(intensity, dtype=np.float64)
+    npix_eff = 4.0 * np.pi * np.maximum(np.asarray(sigma, dtype=np.float64), 0.5) ** 2
+    return intensity / np.sqrt(np.maximum(intensity + np.asarray(background) * npix_eff, 1e-12))
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _background_model(cfg: SimConfig, geom: Geometry, true_center) -> np.ndarray:
+    ny, nx = geom.shape
+    y = (np.arange(ny, dtype=np.float32) - np.float32(true_center[1]))[:, None]
+    x = (np.arange(nx, dtype=np.float32) - np.float32(true_center[0]))[None, :]
+    r = np.sqrt(x * x + y * y)
+    tth = np.arctan(r * np.float32(geom.pixel_size_mm / geom.distance_mm))
+    with np.errstate(divide="ignore"):
+        d = np.float32(geom.wavelength_A) / (2.0 * np.sin(tth / 2.0))
+    s = 1.0 / d  # 1/A, 0 at the beam
+    solvent = np.exp(-0.5 * ((s - 1.0 / 3.2) / 0.06) ** 2)
+    air = 0.6 * np.exp(-s / 0.08)
+    floor = 0.15
+    # solid angle and polarisation-free obliquity falloff
+    bg = cfg.background * (solvent + air + floor) * np.cos(tth) ** 3
+    return bg.astype(np.float32)
+
+
+def _ice(cfg: SimConfig, geom: Geometry, true_center, rng) -> np.ndarray:
+    ny, nx = geom.shape
+    y = (np.arange(ny, dtype=np.float32) - np.float32(true_center[1]))[:, None]
+    x = (np.arange(nx, dtype=np.float32) - np.float32(true_center[0]))[None, :]
+    r = np.sqrt(x * x + y * y)
+    out = np.zeros((ny, nx), np.float32)
+    radii = geom.radius_for_d(ICE_D_SPACINGS)
+    width = rng.uniform(1.0, 2.5)
+    for rad, rel in zip(radii, ICE_REL_INTENSITY):
+        if not np.isfinite(rad) or rad > r.max():
+            continue
+        out += np.float32(cfg.ice_strength * rel) * np.exp(-0.5 * ((r - np.float32(rad)) / np.float32(width)) ** 2)
+    return out
+
+
+def _place_spots(cfg: SimConfig, geom: Geometry, true_center, bg, valid, rng):
+    ny, nx = geom.shape
+    n = cfg.n_spots
+    xs = rng.uniform(4, nx - 5, n * 2)
+    ys = rng.uniform(4, ny - 5, n * 2)
+    r = np.hypot(xs - true_center[0], ys - true_center[1])
+    d = geom.d_spacing(r)
+    ok = (d >= cfg.d_min) & (r > cfg.beamstop_radius * 1.5 + 6)
+    ok &= valid[np.round(ys).astype(int), np.round(xs).astype(int)]
+    xs, ys, d = xs[ok], ys[ok], d[ok]
+    # greedy minimum separation on a coarse grid
+    cell = max(cfg.min_separation, 1.0)
+    taken: dict[tuple[int, int], list[int]] = {}
+    keep = []
+    for k in range(len(xs)):
+        if len(keep) >= n:
+            break
+        gx, gy = int(xs[k] // cell), int(ys[k] // cell)
+        clash = False
+        for ix in (gx - 1, gx, gx + 1):
+            for iy in (gy - 1, gy, gy + 1):
+                for m in taken.get((ix, iy), ()):
+                    if (xs[m] - xs[k]) ** 2 + (ys[m] - ys[k]) ** 2 < cell * cell:
+                        clash = True
+        if not clash:
+            taken.setdefault((gx, gy), []).append(k)
+            keep.append(k)
+    keep = np.array(keep, dtype=int)
+    xs, ys, d = xs[keep], ys[keep], d[keep]
+    sig = rng.uniform(*cfg.spot_sigma, len(xs))
+    wilson = np.exp(-cfg.b_factor / (4.0 * d * d))
+    inten = rng.exponential(cfg.mean_intensity, len(xs)) * wilson * cfg.flux * cfg.overload
+    return xs, ys, sig, inten
+
+
+def _render_spots(shape, xs, ys, sig, inten):
+    """Pixel-integrated Gaussian spots (expected counts) as a sparse add list."""
+    ny, nx = shape
+    out = np.zeros(shape, np.float32)
+    for x, y, s, a in zip(xs, ys, sig, inten):
+        h = int(np.ceil(4 * s)) + 1
+        i0, i1 = max(int(round(y)) - h, 0), min(int(round(y)) + h + 1, ny)
+        j0, j1 = max(int(round(x)) - h, 0), min(int(round(x)) + h + 1, nx)
+        ei = np.arange(i0, i1 + 1) - 0.5  # pixel edges
+        ej = np.arange(j0, j1 + 1) - 0.5
+        py = np.diff(_erf((ei - y) / (np.sqrt(2) * s))) * 0.5
+        px = np.diff(_erf((ej - x) / (np.sqrt(2) * s))) * 0.5
+        out[i0:i1, j0:j1] += (a * np.outer(py, px)).astype(np.float32)
+    return out
+
+
+def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> SimFrame:
+    """Simulate one frame.
+
+    Parameters
+    ----------
+    config : SimConfig, optional
+        Base parameters; ``overrides`` replace fields (``simulate(layout="4m",
+        ice_rings=True, seed=3)``).
+    seed : int
+        Seed of the random generator; same seed and config give the same frame.
+
+    Returns
+    -------
+    SimFrame
+    """
+    cfg = replace(config or SimConfig(), **overrides)
+    if cfg.layout.lower() not in LAYOUTS:
+        raise ValueError(f"unknown layout {cfg.layout!r}; known: {sorted(LAYOUTS)}")
+    rng = np.random.default_rng(seed)
+    geom = cfg.geometry()
+    ny, nx = geom.shape
+    bx, by = geom.beam_center
+    true_center = (bx + cfg.beam_offset[0], by + cfg.beam_offset[1])
+    valid = geom.valid.copy()
+
+    bg = _background_model(cfg, geom, true_center) * np.float32(cfg.flux)
+    if cfg.ice_rings and cfg.flux > 0:
+        bg += _ice(cfg, geom, true_center, rng) * np.float32(cfg.flux)
+
+    # beamstop: disc at the true beam plus an arm to the right edge
+    shadow = None
+    if cfg.beamstop_radius > 0:
+        yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(true_center[1])
+        xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(true_center[0])
+        shadow = (xx * xx + yy * yy) < cfg.beamstop_radius ** 2
+        arm_w = cfg.beamstop_radius * 0.35
+        shadow |= (np.abs(yy) < arm_w) & (xx > 0)
+
+    if cfg.crystal and cfg.flux > 0 and cfg.n_spots > 0:
+        xs, ys, sig, inten = _place_spots(cfg, geom, true_center, bg, valid, rng)
+        spots_img = _render_spots(geom.shape, xs, ys, sig, inten)
+    else:
+        xs = ys = sig = inten = np.zeros(0)
+        spots_img = None
+
+    if shadow is not None:
+        bg[shadow] *= 0.02
+        if spots_img is not None:
+            spots_img[shadow] = 0.0
+    expected = bg if spots_img is None else bg + spots_img
+    counts = rng.poisson(expected).astype(np.float64)
+    # dark noise of a photon counter is nearly nil, but keep a trickle
+    if cfg.flux == 0:
+        counts += rng.poisson(0.01, size=counts.shape)
+
+    # truth: recorded intensity on valid pixels, background under the spot
+    if len(xs):
+        xi = np.clip(np.round(xs).astype(int), 0, nx - 1)
+        yi = np.clip(np.round(ys).astype(int), 0, ny - 1)
+        b_under = bg[yi, xi].astype(np.float64)
+        recorded = inten.copy()
+        # spots clipped by a gap/shadow keep only their in-module share
+        frac = np.ones(len(xs))
+        for k in range(len(xs)):
+            h = int(np.ceil(4 * sig[k])) + 1
+            i0, i1 = max(yi[k] - h, 0), min(yi[k] + h + 1, ny)
+            j0, j1 = max(xi[k] - h, 0), min(xi[k] + h + 1, nx)
+            patch = spots_img[i0:i1, j0:j1]
+            tot = patch.sum()
+            if tot > 0:
+                frac[k] = patch[valid[i0:i1, j0:j1]].sum() / tot
+        recorded = recorded * frac
+    else:
+        b_under = np.zeros(0)
+        recorded = np.zeros(0)
+
+    # detector faults and defects
+    if cfg.dead_modules:
+        layout = LAYOUTS[cfg.layout.lower()]
+        (mr, mc), (pr, pc), (gr, gc) = layout.modules, layout.module_shape, layout.gap
+        picks = rng.choice(mr * mc, size=min(cfg.dead_modules, mr * mc), replace=False)
+        for m in picks:
+            i, j = divmod(int(m), mc)
+            r0, c0 = i * (pr + gr), j * (pc + gc)
+            counts[r0 : r0 + pr, c0 : c0 + pc] = 0
+    if cfg.hot_cluster:
+        cy, cx = rng.integers(50, ny - 50), rng.integers(50, nx - 50)
+        hy, hx = rng.integers(8, 30), rng.integers(8, 30)
+        counts[cy : cy + hy, cx : cx + hx] += rng.integers(200, 5000, size=(min(hy, ny - cy), min(hx, nx - cx)))
+    flat = counts.reshape(-1)
+    vidx = np.flatnonzero(valid.reshape(-1))
+    if cfg.n_dead:
+        flat[rng.choice(vidx, cfg.n_dead, replace=False)] = 0
+    if cfg.n_hot:
+        flat[rng.choice(vidx, cfg.n_hot, replace=False)] = rng.integers(500, 50000, cfg.n_hot)
+    np.minimum(counts, cfg.saturation, out=counts)
+
+    bad = np.zeros(ny * nx, dtype=bool)
+    if cfg.n_bad:
+        bad[rng.choice(vidx, cfg.n_bad, replace=False)] = True
+    bad = bad.reshape(ny, nx)
+    frame = _encode(counts, valid, bad, cfg.dtype)
+    mask = valid & ~bad
+    geom = Geometry(geom.shape, geom.pixel_size_mm, geom.distance_mm, geom.wavelength_A, geom.beam_center,
+                    mask=geom.mask, saturation=cfg.saturation)
+    truth = {
+        "x": xs.astype(np.float64),
+        "y": ys.astype(np.float64),
+        "intensity": recorded.astype(np.float64),
+        "sigma": sig.astype(np.float64),
+        "background": b_under,
+        "snr": spot_snr(recorded, b_under, sig),
+        "on_valid": valid[np.clip(np.round(ys).astype(int), 0, ny - 1),
+                          np.clip(np.round(xs).astype(int), 0, nx - 1)] & ~bad[
+            np.clip(np.round(ys).astype(int), 0, ny - 1), np.clip(np.round(xs).astype(int), 0, nx - 1)]
+        if len(xs) else np.zeros(0, bool),
+    }
+    del mask
+    return SimFrame(frame, geom, truth, bg, cfg)
+
+
+def _encode(counts, valid, bad, dtype: str) -> np.ndarray:
+    if dtype == "int32":
+        out = counts.astype(np.int32)
+        out[~valid] = -1
+        out[bad] = -2
+        return out
+    if dtype in ("uint32", "uint16"):
+        t = np.dtype(dtype)
+        out = np.minimum(counts, np.iinfo(t).max - 1).astype(t)
+        out[~valid] = np.iinfo(t).max  # EIGER convention: gaps at the dtype maximum
+        out[bad] = np.iinfo(t).max
+        return out
+    if dtype == "float32":
+        out = counts.astype(np.float32)
+        out[~valid | bad] = np.nan
+        return out
+    raise ValueError(f"unsupported dtype {dtype!r}; use int32, uint32, uint16 or float32")
