@@ -185,7 +185,8 @@ class EmulatorHandle:
         self._applied: list[dict] = []
         self._log = open(applied_log, "a", encoding="utf-8") if applied_log else None
         self.core = DeviceCore(on_applied=self._on_applied, name=name)
-        self.silent = False
+        self.silent = False        # stop answering (and stop processing) frames
+        self.mute_replies = False  # process frames but lose every answer
         self._rx = bytearray()
         self._wake_r, self._wake_w = os.pipe()
         self._requests: list[tuple[str, threading.Event]] = []
@@ -286,7 +287,7 @@ class EmulatorHandle:
                 out = self.core.tick(time.monotonic() * 1000)
                 if data:
                     out += self._handle_bytes(data)
-            if out and not self.silent:
+            if out and not self.silent and not self.mute_replies:
                 if self.faults.delay:
                     time.sleep(self.faults.delay)
                 self._send(out)
