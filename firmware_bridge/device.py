@@ -121,7 +121,7 @@ class DeviceCore:
     """
 
     def __init__(self, on_applied: AppliedHook | None = None, boot_id: int | None = None,
-                 name: str = "py-emulator") -> None:
+                 name: str = "python-emulator") -> None:
         self.instrument = Instrument()
         self.on_applied = on_applied
         self.boot_id = secrets.randbits(32) if boot_id is None else boot_id

@@ -176,7 +176,7 @@ class EmulatorHandle:
     """
 
     def __init__(self, endpoint: Any, faults: Faults, applied_log: str | None = None,
-                 name: str = "py-emulator") -> None:
+                 name: str = "python-emulator") -> None:
         self.faults = faults
         self.counters = FaultCounters()
         self._rng = random.Random(faults.seed)
@@ -373,7 +373,7 @@ def _flip_bit(data: bytes, rng: random.Random) -> bytes:
 def start_pty_emulator(*, corrupt: float = 0.0, drop: float = 0.0, duplicate: float = 0.0,
                        delay: float = 0.0, silent_after: int | None = None,
                        applied_log: str | None = None, link_path: str | None = None,
-                       seed: int | None = None, name: str = "py-emulator") -> EmulatorHandle:
+                       seed: int | None = None, name: str = "python-emulator") -> EmulatorHandle:
     """Start an emulator on a new pty in a background thread.
 
     Parameters
