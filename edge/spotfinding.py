@@ -135,6 +135,7 @@ class Thresholds:
     mean: np.ndarray  # float64 background mean per cell
     var: np.ndarray  # float64 background variance per cell
     grow: np.ndarray  # float64 grow threshold per cell (+inf = never)
+    peak: np.ndarray  # float64 threshold a seed pixel itself must exceed
     seed_sigma: float
     seed_skew: float
 
@@ -155,7 +156,7 @@ class Regions:
 # Kernels
 # ---------------------------------------------------------------------------
 @njit(parallel=True, cache=True, nogil=True)
-def _seed_kernel(frame, index, mean, var, grow, seed_sigma, seed_skew, lo_valid, hi_valid, cap, nchunks):
+def _seed_kernel(frame, index, mean, var, peak, seed_sigma, seed_skew, lo_valid, hi_valid, cap, nchunks):
     ny, nx = frame.shape
     ncell = mean.shape[0]
     seeds = np.empty((nchunks, cap), dtype=np.int64)
@@ -163,15 +164,20 @@ def _seed_kernel(frame, index, mean, var, grow, seed_sigma, seed_skew, lo_valid,
     overflow = np.zeros(nchunks, dtype=np.bool_)
     for c in prange(nchunks):
         k = 0
+        cols = np.empty(nx, dtype=np.int64)
         for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            # Pass 1, branch-free so it stays cheap on every pixel: compact the
+            # columns above the peak threshold (a masked cell reads the last
+            # threshold and is then rejected by the cell test).
+            m = 0
             for j in range(nx):
                 b = np.int64(index[i, j])
-                if b >= ncell:
-                    continue
-                v = np.float64(frame[i, j])
-                if not (v > grow[b] and v <= hi_valid):
-                    continue
-                # 3x3 background-subtracted sum over valid neighbours
+                v = frame[i, j]
+                cols[m] = j
+                m += (v > peak[min(b, ncell - 1)]) & (b < ncell) & (v <= hi_valid)
+            # Pass 2, sparse: significance of the 3x3 background-subtracted sum.
+            for t in range(m):
+                j = cols[t]
                 s = 0.0
                 sv = 0.0
                 for ii in range(max(i - 1, 0), min(i + 2, ny)):
@@ -378,7 +384,7 @@ def _skew(k: float, poisson: bool) -> float:
 
 
 def thresholds_from_radial(stats: RadialStats, *, seed_sigma: float = 5.0, grow_sigma: float = 2.0,
-                           poisson: bool = True) -> Thresholds:
+                           peak_sigma: float = 3.0, poisson: bool = True) -> Thresholds:
     """Kernel thresholds from per-ring background statistics.
 
     With ``poisson`` the variance is floored at the mean (counting statistics).
@@ -387,11 +393,17 @@ def thresholds_from_radial(stats: RadialStats, *, seed_sigma: float = 5.0, grow_
     var = np.nan_to_num(stats.sigma.astype(np.float64) ** 2, nan=0.0)
     if poisson:
         var = np.maximum(var, np.maximum(mean, 0.0))
-    grow = mean + grow_sigma * np.sqrt(var) + _skew(grow_sigma, poisson)
-    return Thresholds(stats.bins.index, mean, var, grow, float(seed_sigma), _skew(seed_sigma, poisson))
+    return _thresholds(stats.bins.index, mean, var, seed_sigma, grow_sigma, peak_sigma, poisson)
 
 
-def _thresholds_from_maps(mean_map, var_map, valid, *, seed_sigma, grow_sigma, poisson) -> Thresholds:
+def _thresholds(index, mean, var, seed_sigma, grow_sigma, peak_sigma, poisson) -> Thresholds:
+    sd = np.sqrt(var)
+    grow = mean + grow_sigma * sd + _skew(grow_sigma, poisson)
+    peak = mean + max(peak_sigma, grow_sigma) * sd + _skew(max(peak_sigma, grow_sigma), poisson)
+    return Thresholds(index, mean, var, grow, peak, float(seed_sigma), _skew(seed_sigma, poisson))
+
+
+def _thresholds_from_maps(mean_map, var_map, valid, *, seed_sigma, grow_sigma, peak_sigma, poisson) -> Thresholds:
     ny, nx = mean_map.shape
     ok = valid & np.isfinite(mean_map) & np.isfinite(var_map)
     size = ny * nx
@@ -400,8 +412,7 @@ def _thresholds_from_maps(mean_map, var_map, valid, *, seed_sigma, grow_sigma, p
     var = np.where(ok, var_map, 0.0).astype(np.float64).ravel()
     if poisson:
         var = np.maximum(var, np.maximum(mean, 0.0))
-    grow = mean + grow_sigma * np.sqrt(var) + _skew(grow_sigma, poisson)
-    return Thresholds(index, mean, var, grow, float(seed_sigma), _skew(seed_sigma, poisson))
+    return _thresholds(index, mean, var, seed_sigma, grow_sigma, peak_sigma, poisson)
 
 
 def threshold_pixels(frame: np.ndarray, thresholds: Thresholds, *, lo_valid: float = 0.0,
@@ -409,7 +420,7 @@ def threshold_pixels(frame: np.ndarray, thresholds: Thresholds, *, lo_valid: flo
     """Seed pixels (flat indices, row-major) and whether the buffer overflowed."""
     nch = _nchunks()
     cap = max(1, int(max_candidates) // nch)
-    return _seed_kernel(frame, thresholds.index, thresholds.mean, thresholds.var, thresholds.grow,
+    return _seed_kernel(frame, thresholds.index, thresholds.mean, thresholds.var, thresholds.peak,
                         thresholds.seed_sigma, thresholds.seed_skew, float(lo_valid), float(hi_valid), cap, nch)
 
 
@@ -491,7 +502,7 @@ def filter_peaks(measured: np.ndarray, *, geometry: Geometry | None = None, min_
 # ---------------------------------------------------------------------------
 def find_peaks(frame, mask=None, *, center=None, geometry: Geometry | None = None,
                method: str = "radial", dark=None, stats: RadialStats | None = None,
-               seed_sigma: float = 5.0, grow_sigma: float = 2.0, poisson: bool = True,
+               seed_sigma: float = 5.0, grow_sigma: float = 2.0, peak_sigma: float = 3.0, poisson: bool = True,
                min_pix: int = 2, max_pix: int = 400, min_snr: float = 3.0,
                hot_pixel_fraction: float = 0.9, d_min: float | None = None, d_max: float | None = None,
                ring: tuple[int, int] = (2, 4), saturation: float | None = None,
@@ -520,6 +531,9 @@ def find_peaks(frame, mask=None, *, center=None, geometry: Geometry | None = Non
         Significance of the 3x3 background-subtracted sum for a seed.
     grow_sigma : float
         Per-pixel threshold (in background sigmas) for region growth.
+    peak_sigma : float
+        Per-pixel threshold a seed pixel itself must pass (a cheap prefilter
+        before the 3x3 test; the brightest pixel of any real spot passes it).
     poisson : bool
         Counting statistics: floor the variance at the mean and add the skew
         term. Turn off for frames in arbitrary units.
@@ -564,12 +578,13 @@ def find_peaks(frame, mask=None, *, center=None, geometry: Geometry | None = Non
             stats = radial_stats(arr, center=center, geometry=geometry, _prepared=prepared, **background_params)
         elif stats.bins.index.shape != arr.shape:
             raise ValueError("stats were computed for a different frame shape")
-        th = thresholds_from_radial(stats, seed_sigma=seed_sigma, grow_sigma=grow_sigma, poisson=poisson)
+        th = thresholds_from_radial(stats, seed_sigma=seed_sigma, grow_sigma=grow_sigma, peak_sigma=peak_sigma,
+                                    poisson=poisson)
     elif method == "local":
         mean_map, var_map = local_stats(arr, geometry=geometry, _prepared=prepared, **background_params)
         valid = _combined_valid(arr.shape, msk, geometry)
         th = _thresholds_from_maps(mean_map, var_map, valid, seed_sigma=seed_sigma,
-                                   grow_sigma=grow_sigma, poisson=poisson)
+                                   grow_sigma=grow_sigma, peak_sigma=peak_sigma, poisson=poisson)
     else:
         raise ValueError(f"unknown background method {method!r}; use 'radial' or 'local'")
     seeds, overflow = threshold_pixels(arr, th, lo_valid=lo_valid, hi_valid=hi_valid,
