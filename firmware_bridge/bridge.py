@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .channel import ChannelOptions, ReliableChannel
@@ -47,7 +47,6 @@ class Ack:
     rtt_s: float = 0.0
     attempts: int = 0
     session: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

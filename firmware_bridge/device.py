@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from .commands import COMMAND_NAMES
 from .framing import PROTOCOL_VERSION, Frame, encode_frame
 from .messages import (HELLO, HELLO_ACK_HEAD, SAFE_STATE_ALLOWED, WATCHDOG_ALARM, CommandFate,
                        CommandId, ErrorCode, GainMode, MsgType, pack_state, REPLY_HEAD)
@@ -212,7 +213,6 @@ class DeviceCore:
         if code == ErrorCode.OK:
             self.applied_count += 1
             if self.on_applied is not None:
-                from .commands import COMMAND_NAMES
                 name = COMMAND_NAMES.get(cid, str(cid))
                 self.on_applied(f.session, f.seq, name, args)
         mtype = MsgType.ACK if code == ErrorCode.OK else MsgType.NACK

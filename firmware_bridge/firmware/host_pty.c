@@ -97,11 +97,14 @@ static uint8_t app_apply(void *user, uint8_t cmd, const uint8_t *a, uint8_t len)
         s->shutter_open = a[0];
         return BP_OK;
     case BP_CMD_RECENTRE_BEAM: {
-        long dx, dy, nx, ny;
+        /* 64-bit arithmetic: no overflow even where long is 32 bits */
+        int64_t dx, dy, nx, ny;
         if (len != 8) return BP_ERR_BAD_ARGS;
         dx = get_i32(a); dy = get_i32(a + 4);
-        nx = s->beam_x_nm + dx; ny = s->beam_y_nm + dy;
-        if (labs(dx) > STEP_MAX || labs(dy) > STEP_MAX || labs(nx) > OFFSET_MAX || labs(ny) > OFFSET_MAX)
+        if (dx > STEP_MAX || dx < -STEP_MAX || dy > STEP_MAX || dy < -STEP_MAX)
+            return BP_ERR_OUT_OF_RANGE;
+        nx = (int64_t)s->beam_x_nm + dx; ny = (int64_t)s->beam_y_nm + dy;
+        if (nx > OFFSET_MAX || nx < -OFFSET_MAX || ny > OFFSET_MAX || ny < -OFFSET_MAX)
             return BP_ERR_OUT_OF_RANGE;
         s->beam_x_nm = (int32_t)nx; s->beam_y_nm = (int32_t)ny;
         return BP_OK;
