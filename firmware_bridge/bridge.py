@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .channel import ChannelOptions, ReliableChannel
 from .commands import Limits, RateLimiter, ValidatedCommand

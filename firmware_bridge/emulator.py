@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import tty
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cobs import cobs

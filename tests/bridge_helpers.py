@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -139,4 +138,4 @@ def check_exactly_once(applied: list[dict], acked: list[tuple[int, int]]) -> Non
 
 
 __all__ = ["FAST_LIMITS", "PyDevice", "CDevice", "build_firmware", "compiler", "wait_until",
-           "read_log", "check_exactly_once", "sys"]
+           "read_log", "check_exactly_once"]
