@@ -83,6 +83,22 @@ class SimConfig:
         A cluster of hot pixels (anomaly: detector fault).
     min_separation : float
         Minimum distance between spot centres in pixels.
+    beamstop_arm_angle : float or None
+        Direction of the beamstop arm in degrees (0 = towards +x, 90 = +y);
+        None = disc only.
+    direct_beam : float
+        Peak expected counts of a direct beam leaking past the beamstop, a
+        Gaussian of sigma ``direct_beam_sigma`` px at the true beam position
+        (anomaly: saturation when above ``saturation``); 0 = none.
+    direct_beam_sigma : float
+        Width (px) of the leaking direct beam.
+    stripes : int
+        Faulty readout bands (anomaly: detector fault): each is 4-16 rows or
+        columns across one module, reading zero or with extra counts.
+    bad_asics : int
+        Faulty 256 x 256 readout chips (anomaly: detector fault), dead or hot.
+    hot_saturated : int
+        Isolated pixels stuck at the count cutoff (a normal detector defect).
     dtype : str
         Output dtype ("int32" with -1/-2 markers, or "uint32"/"uint16" with
         markers mapped to the dtype maximum and 0).
@@ -113,6 +129,12 @@ class SimConfig:
     hot_cluster: bool = False
     min_separation: float = 8.0
     dtype: str = "int32"
+    beamstop_arm_angle: float | None = 0.0
+    direct_beam: float = 0.0
+    direct_beam_sigma: float = 2.0
+    stripes: int = 0
+    bad_asics: int = 0
+    hot_saturated: int = 0
 
     def geometry(self) -> Geometry:
         """The geometry the instrument *believes* (beam at ``beam_center``)."""
@@ -279,7 +301,13 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(true_center[0])
         shadow = (xx * xx + yy * yy) < cfg.beamstop_radius ** 2
         arm_w = cfg.beamstop_radius * 0.35
-        shadow |= (np.abs(yy) < arm_w) & (xx > 0)
+        if cfg.beamstop_arm_angle == 0.0:
+            shadow |= (np.abs(yy) < arm_w) & (xx > 0)
+        elif cfg.beamstop_arm_angle is not None:
+            a = np.deg2rad(cfg.beamstop_arm_angle)
+            along = xx * np.float32(np.cos(a)) + yy * np.float32(np.sin(a))
+            across = yy * np.float32(np.cos(a)) - xx * np.float32(np.sin(a))
+            shadow |= (np.abs(across) < arm_w) & (along > 0)
 
     if cfg.crystal and cfg.flux > 0 and cfg.n_spots > 0:
         xs, ys, sig, inten = _place_spots(cfg, geom, true_center, bg, valid, rng)
@@ -293,6 +321,14 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         if spots_img is not None:
             spots_img[shadow] = 0.0
     expected = bg if spots_img is None else bg + spots_img
+    # extra anomaly knobs draw from their own stream: enabling one leaves the
+    # spots, noise and defects of the frame unchanged
+    rng_x = np.random.default_rng([seed, 0x5EED])
+    if cfg.direct_beam > 0 and cfg.flux > 0:
+        yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(true_center[1])
+        xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(true_center[0])
+        s2 = np.float32(2.0 * cfg.direct_beam_sigma ** 2)
+        expected = expected + np.float32(cfg.direct_beam) * np.exp(-(xx * xx + yy * yy) / s2)
     counts = rng.poisson(expected).astype(np.float64)
     # dark noise of a photon counter is nearly nil, but keep a trickle
     if cfg.flux == 0:
@@ -332,12 +368,16 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         cy, cx = rng.integers(50, ny - 50), rng.integers(50, nx - 50)
         hy, hx = rng.integers(8, 30), rng.integers(8, 30)
         counts[cy : cy + hy, cx : cx + hx] += rng.integers(200, 5000, size=(min(hy, ny - cy), min(hx, nx - cx)))
+    if cfg.stripes or cfg.bad_asics:
+        _readout_faults(cfg, counts, bg, rng_x)
     flat = counts.reshape(-1)
     vidx = np.flatnonzero(valid.reshape(-1))
     if cfg.n_dead:
         flat[rng.choice(vidx, cfg.n_dead, replace=False)] = 0
     if cfg.n_hot:
         flat[rng.choice(vidx, cfg.n_hot, replace=False)] = rng.integers(500, 50000, cfg.n_hot)
+    if cfg.hot_saturated:
+        flat[rng_x.choice(vidx, cfg.hot_saturated, replace=False)] = cfg.saturation
     np.minimum(counts, cfg.saturation, out=counts)
 
     bad = np.zeros(ny * nx, dtype=bool)
@@ -362,6 +402,37 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
     }
     del mask
     return SimFrame(frame, geom, truth, bg, cfg)
+
+
+def _readout_faults(cfg: SimConfig, counts: np.ndarray, bg: np.ndarray, rng) -> None:
+    """Faulty readout bands and chips, in place: dead (0) or hot (extra counts)."""
+    layout = LAYOUTS[cfg.layout.lower()]
+    (mr, mc), (pr, pc), (gr, gc) = layout.modules, layout.module_shape, layout.gap
+    level = float(np.mean(bg)) + 1.0  # scale hot faults to the frame's background
+    for _ in range(cfg.stripes):
+        i, j = divmod(int(rng.integers(mr * mc)), mc)
+        r0, c0 = i * (pr + gr), j * (pc + gc)
+        w = int(rng.integers(4, 17))
+        if rng.random() < 0.5:  # rows across the module
+            a = r0 + int(rng.integers(0, pr - w))
+            sl = (slice(a, a + w), slice(c0, c0 + pc))
+        else:
+            a = c0 + int(rng.integers(0, pc - w))
+            sl = (slice(r0, r0 + pr), slice(a, a + w))
+        if rng.random() < 0.5:
+            counts[sl] = 0
+        else:
+            counts[sl] += rng.poisson(level * rng.uniform(3.0, 30.0), size=counts[sl].shape)
+    chip = 256
+    for _ in range(cfg.bad_asics):
+        i, j = divmod(int(rng.integers(mr * mc)), mc)
+        r0 = i * (pr + gr) + chip * int(rng.integers(0, max(pr // chip, 1)))
+        c0 = j * (pc + gc) + chip * int(rng.integers(0, max(pc // chip, 1)))
+        sl = (slice(r0, r0 + chip), slice(c0, c0 + chip))
+        if rng.random() < 0.5:
+            counts[sl] = 0
+        else:
+            counts[sl] += rng.poisson(level * rng.uniform(2.0, 20.0), size=counts[sl].shape)
 
 
 def _encode(counts, valid, bad, dtype: str) -> np.ndarray:
