@@ -20,6 +20,7 @@ The public entry points are :func:`radial_stats` (per-ring profile),
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numba
@@ -366,7 +367,7 @@ def prepare_frame(frame, mask=None, *, dark=None, geometry: Geometry | None = No
 
 def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = None,
                  bin_width: float = 1.0, n_iter: int = 5, nsigma: float = 3.0,
-                 row_step: int = 4, min_count: int = 8, dark=None,
+                 row_step: int = 4, min_count: int = 8, small_ring: int = 64, dark=None,
                  _prepared: tuple | None = None) -> RadialStats:
     """Per-ring background mean and sigma with iterative sigma clipping.
 
@@ -394,6 +395,9 @@ def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = N
     min_count : int
         Rings with fewer surviving pixels take the values of the nearest
         ring that has enough.
+    small_ring : int
+        Rings with fewer sampled pixels than this take the median of the
+        rings within 3 of them (clipping is unreliable on small samples).
     dark : ndarray, optional
         Per-pixel dark/pedestal subtracted first.
     """
@@ -407,6 +411,7 @@ def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = N
     mean, var, count = _clip_iterations(arr, bins.index, bins.nbins, lo_valid, hi_valid, int(n_iter),
                                         float(nsigma), int(row_step), _nchunks())
     sigma = np.sqrt(var)
+    mean, sigma = _robust_small_rings(mean, sigma, count, small_ring)
     good = count >= min_count
     if not good.all():
         radius = bins.radius
@@ -427,8 +432,33 @@ def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = N
     return RadialStats(bins.radius, mean, sigma, count, bins)
 
 
-def local_stats(frame, mask=None, *, window: int = 7, sigma_b: float = 6.0, sigma_s: float = 3.0,
-                min_count: int = 10, dark=None, geometry: Geometry | None = None,
+def _robust_small_rings(mean, sigma, count, small_ring, half=3):
+    """Median of neighbouring rings for rings with few sampled pixels.
+
+    Sigma clipping cannot reject outliers that make up a large share of a
+    small sample (a spot in a short ring near the beam or a gap); neighbouring
+    rings share the same smooth background.
+    """
+    small = (count > 0) & (count < small_ring)
+    if not small.any():
+        return mean, sigma
+    mean = mean.copy()
+    sigma = sigma.copy()
+    m = np.where(count > 0, mean, np.nan)
+    sd = np.where(count > 0, sigma, np.nan)
+    pm = np.pad(m, half, constant_values=np.nan)
+    ps = np.pad(sd, half, constant_values=np.nan)
+    wm = np.lib.stride_tricks.sliding_window_view(pm, 2 * half + 1)[small]
+    ws = np.lib.stride_tricks.sliding_window_view(ps, 2 * half + 1)[small]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows stay NaN
+        mean[small] = np.nanmedian(wm, axis=1)
+        sigma[small] = np.nanmedian(ws, axis=1)
+    return mean, sigma
+
+
+def local_stats(frame, mask=None, *, window: int = 9, sigma_b: float = 3.0, sigma_s: float = 2.5,
+                dilate: int = 1, min_count: int = 10, dark=None, geometry: Geometry | None = None,
                 _prepared: tuple | None = None):
     """Local background mean and variance maps (DIALS dispersion approach).
 
@@ -441,7 +471,11 @@ def local_stats(frame, mask=None, *, window: int = 7, sigma_b: float = 6.0, sigm
     window : int
         Odd window side in pixels.
     sigma_b, sigma_s : float
-        Dispersion and strong-pixel thresholds of the dispersion test.
+        Dispersion and strong-pixel thresholds of the dispersion test that
+        excludes signal from the background (lower than DIALS' spot-finding
+        defaults: here a false "signal" only costs a few background samples).
+    dilate : int
+        Grow the signal mask by this many pixels before the second pass.
     min_count : int
         Minimum valid pixels in a window; fewer gives NaN.
 
@@ -467,6 +501,15 @@ def local_stats(frame, mask=None, *, window: int = 7, sigma_b: float = 6.0, sigm
     _window_stats(n, s, q, half, 2.0, nch, mean, var, count)
     signal = np.empty((ny, nx), np.bool_)
     _dispersion_signal(arr, valid, lo_valid, hi_valid, mean, var, count, float(sigma_b), float(sigma_s), nch, signal)
+    # spot tails just below the test would still lift the window mean: grow
+    # the signal mask before excluding it
+    for _ in range(int(dilate)):
+        grown = signal.copy()
+        grown[1:, :] |= signal[:-1, :]
+        grown[:-1, :] |= signal[1:, :]
+        grown[:, 1:] |= signal[:, :-1]
+        grown[:, :-1] |= signal[:, 1:]
+        signal = grown
     n, s, q = _integral_images(arr, valid & ~signal, lo_valid, hi_valid, nch)
     _window_stats(n, s, q, half, float(min_count), nch, mean, var, count)
     return mean, var
