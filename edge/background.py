@@ -20,7 +20,6 @@ The public entry points are :func:`radial_stats` (per-ring profile),
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 
 import numba
@@ -432,6 +431,26 @@ def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = N
     return RadialStats(bins.radius, mean, sigma, count, bins)
 
 
+@njit(cache=True, nogil=True)
+def _neighbour_median(values, count, small_ring, half):
+    """Replace values of rings with 0 < count < small_ring by the median of the
+    populated rings within ``half`` of them (populated = count > 0)."""
+    n = values.shape[0]
+    out = values.copy()
+    buf = np.empty(2 * half + 1, dtype=np.float64)
+    for b in range(n):
+        if not (count[b] > 0 and count[b] < small_ring):
+            continue
+        k = 0
+        for q in range(max(b - half, 0), min(b + half + 1, n)):
+            if count[q] > 0:
+                buf[k] = values[q]
+                k += 1
+        w = np.sort(buf[:k])
+        out[b] = w[k // 2] if k % 2 == 1 else 0.5 * (w[k // 2 - 1] + w[k // 2])
+    return out
+
+
 def _robust_small_rings(mean, sigma, count, small_ring, half=3):
     """Median of neighbouring rings for rings with few sampled pixels.
 
@@ -439,22 +458,8 @@ def _robust_small_rings(mean, sigma, count, small_ring, half=3):
     small sample (a spot in a short ring near the beam or a gap); neighbouring
     rings share the same smooth background.
     """
-    small = (count > 0) & (count < small_ring)
-    if not small.any():
-        return mean, sigma
-    mean = mean.copy()
-    sigma = sigma.copy()
-    m = np.where(count > 0, mean, np.nan)
-    sd = np.where(count > 0, sigma, np.nan)
-    pm = np.pad(m, half, constant_values=np.nan)
-    ps = np.pad(sd, half, constant_values=np.nan)
-    wm = np.lib.stride_tricks.sliding_window_view(pm, 2 * half + 1)[small]
-    ws = np.lib.stride_tricks.sliding_window_view(ps, 2 * half + 1)[small]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows stay NaN
-        mean[small] = np.nanmedian(wm, axis=1)
-        sigma[small] = np.nanmedian(ws, axis=1)
-    return mean, sigma
+    return (_neighbour_median(mean, count, float(small_ring), half),
+            _neighbour_median(sigma, count, float(small_ring), half))
 
 
 def local_stats(frame, mask=None, *, window: int = 9, sigma_b: float = 3.0, sigma_s: float = 2.5,

@@ -37,6 +37,9 @@ class Ack:
         Number of transmissions of the command frame.
     session : int
         Host session id.
+    sent_at : float
+        ``time.monotonic()`` when the command frame was first written to the
+        port (the command on the wire); 0 for dry runs.
     """
 
     seq: int
@@ -47,6 +50,7 @@ class Ack:
     rtt_s: float = 0.0
     attempts: int = 0
     session: int = 0
+    sent_at: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -146,10 +150,11 @@ class Bridge:
         self._rate.acquire(vc.wire_name)
         if self._channel is None:
             return Ack(0, command, vc.args, "dry_run", None)
-        reply, seq, attempts, rtt = self._channel.request(
+        reply, seq, attempts, t_first = self._channel.request(
             vc.payload, command=command, deadline=deadline or self.deadline,
             max_attempts=self.max_attempts)
-        return Ack(seq, command, vc.args, "ok", reply.state, rtt, attempts, self._channel.session)
+        rtt = time.monotonic() - t_first
+        return Ack(seq, command, vc.args, "ok", reply.state, rtt, attempts, self._channel.session, t_first)
 
     def state(self, refresh: bool = False) -> DeviceState | None:
         """Device state: the latest telemetry, or a fresh ``query_state`` if ``refresh``.

@@ -133,7 +133,10 @@ class ReliableChannel:
 
     def request(self, payload: bytes, *, command: str, deadline: float,
                 max_attempts: int | None = None) -> tuple[Reply, int, int, float]:
-        """Send one COMMAND and return ``(ack, seq, attempts, rtt_s)``.
+        """Send one COMMAND and return ``(ack, seq, attempts, t_first)``.
+
+        ``t_first`` is the ``time.monotonic()`` of the first transmission (the
+        command on the wire); the round trip is ``time.monotonic() - t_first``.
 
         Raises
         ------
@@ -173,7 +176,7 @@ class ReliableChannel:
                     if reply is not None:
                         result = self._conclude(reply, command, seq)
                         if result is not None:
-                            return result, seq, attempts, time.monotonic() - t_first
+                            return result, seq, attempts, t_first
                     if not ok:
                         raise self._failure(command, seq, transmitted, attempts, deadline)
                     if transmitted and boot != sent_boot:
@@ -204,7 +207,7 @@ class ReliableChannel:
                     if reply is not None:
                         result = self._conclude(reply, command, seq)
                         if result is not None:
-                            return result, seq, attempts, time.monotonic() - t_first
+                            return result, seq, attempts, t_first
                         continue  # STATUS NOT_RECEIVED: send now
                     if time.monotonic() >= t_end or (max_attempts and attempts >= max_attempts):
                         raise self._failure(command, seq, transmitted, attempts, deadline)
