@@ -1,0 +1,535 @@
+"""Frame summary features for the anomaly model (Numba kernels).
+
+One model serves every detector size, so the frame is reduced to a fixed,
+geometry-normalised vector of :data:`N_FEATURES` float32 values:
+
+* a polar grid (:data:`RADIAL_EDGES_PX` x :data:`N_SECTORS` azimuthal
+  sectors around the *believed* beam centre) of ``log2`` observed / expected
+  mean counts, where "expected" is the frame's own sigma-clipped ring mean
+  (:func:`edge.background.radial_stats`). A radially symmetric frame centred
+  where the geometry says gives zeros; a beam elsewhere, a dead module or a
+  hot cluster does not. Inner edges are in pixels because beamstop sizes and
+  beam-centre errors are pixel quantities, not fractions of the detector;
+* the first azimuthal harmonic of each grid ring (rotation-invariant);
+* a coarse :data:`N_TILES` x :data:`N_TILES` tile grid over the frame
+  (module-like regions) summarised by order statistics: excess of zero pixels
+  over the Poisson expectation (dead regions), observed / expected counts
+  (hot regions) and the fraction of bright pixels;
+* the most deviant column and row (summed clipped z-scores): stripes;
+* frame scalars: count level, zero fraction, saturated pixels (all, and those
+  with a bright neighbour, which excludes isolated defective pixels), peak
+  density per megapixel, saturated peaks;
+* ice-ring contrast of the ring-mean profile at the ice Ih d-spacings.
+
+The per-pixel work is one pass (:func:`_accumulate`) over every
+``row_step``-th row plus full resolution within :data:`INNER_FULL_PX` of the
+beam centre; everything else works on a few thousand numbers. Call
+:func:`warmup` once at start-up so nothing compiles in the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._validate import as_frame, check_geometry
+from .background import RadialStats, prepare_frame, radial_stats
+from .geometry import Geometry
+from .sim import ICE_D_SPACINGS
+
+__all__ = [
+    "FEATURE_NAMES",
+    "N_FEATURES",
+    "FeatureError",
+    "frame_features",
+    "frame_features_from_parts",
+    "warmup",
+    "RADIAL_EDGES_PX",
+    "N_SECTORS",
+    "N_TILES",
+]
+
+#: Outer edges (pixels from the believed beam centre) of the polar-grid rings;
+#: the last ring runs to the detector edge.
+RADIAL_EDGES_PX = np.array([30.0, 60.0, 120.0, 240.0, 480.0], dtype=np.float64)
+N_RINGS = len(RADIAL_EDGES_PX) + 1
+N_SECTORS = 8
+N_TILES = 8
+#: Rows within this many pixels of the beam centre are read at full
+#: resolution for the polar grid (the inner cells are small).
+INNER_FULL_PX = 64
+#: Ice lines used for the ring-contrast features (strongest six).
+ICE_LINES_A = np.asarray(ICE_D_SPACINGS[:6], dtype=np.float64)
+#: Per-pixel z-scores are clipped to this before summing along rows/columns,
+#: so Bragg spots cannot fake a stripe.
+Z_CLIP = 5.0
+#: A pixel is "bright" above mean + BRIGHT_SIGMA * sigma of its ring.
+BRIGHT_SIGMA = 5.0
+#: Offset (counts/pixel) in log ratios: keeps dark frames at 0 instead of noise.
+LOG_EPS = 0.1
+
+_T_N, _T_SUMV, _T_SUMMU, _T_ZERO, _T_EZERO, _T_BRIGHT, _T_SAT, _T_SATC = range(8)
+_N_TILE_STATS = 8
+
+
+def _names() -> tuple[str, ...]:
+    n = [f"grid_r{r}_s{s}" for r in range(N_RINGS) for s in range(N_SECTORS)]
+    n += [f"harmonic1_r{r}" for r in range(N_RINGS)]
+    n += ["tile_zero_excess_max", "tile_zero_excess_mean", "tile_zero_excess_min",
+          "tile_ratio_max", "tile_ratio_min", "tile_ratio_std",
+          "tile_bright_max", "tile_bright_median"]
+    n += ["col_z_max", "col_z_min", "row_z_max", "row_z_min"]
+    n += ["log_mean_counts", "log_expected_counts", "zero_fraction", "zero_excess",
+          "log_bright_fraction", "log_saturated_fraction", "log_saturated_clustered",
+          "log_peak_density", "log_strong_peak_density", "log_saturated_peaks", "saturated_peak_fraction"]
+    n += [f"ice_contrast_{d:.3f}A" for d in ICE_LINES_A]
+    n += ["ice_significance_max", "ice_lines_visible"]
+    return tuple(n)
+
+
+#: Names of the feature vector entries, in order.
+FEATURE_NAMES: tuple[str, ...] = _names()
+N_FEATURES = len(FEATURE_NAMES)
+
+
+class FeatureError(ValueError):
+    """Input that features cannot be computed from (shape, dtype, NaN, geometry)."""
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+@njit(cache=True, nogil=True, inline="always")
+def _sector(dx, dy):
+    """Octant 0..7 of the direction (dx, dy), counter-clockwise from +x."""
+    if dy >= 0.0:
+        if dx >= 0.0:
+            return 0 if dx >= dy else 1
+        return 2 if -dx < dy else 3
+    if dx < 0.0:
+        return 4 if -dx >= -dy else 5
+    return 6 if dx < -dy else 7
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile_edges, bx, by,
+                lo_valid, hi_valid, sat, row_step, inner, nchunks):
+    """One pass over the frame: polar grid, tile, column and row sums.
+
+    Parameters
+    ----------
+    frame : 2-D array (rows, columns), any kernel dtype
+    index : uint16 (rows, columns)
+        Ring of each pixel, >= len(mu_ring) where masked.
+    mu_ring, sd_ring, e_ring : float64 (nbins,)
+        Expected counts, noise sigma (counts) and Poisson P(0) per ring.
+    rbin_ring : int64 (nbins,)
+        Polar-grid ring (< n_rings) of each 1-px ring.
+    tile_edges : int64 (tiles + 1,)
+        First column of each tile column, then the frame width; tile rows
+        split the rows the same way (``i * tiles // rows``).
+    bx, by : float
+        Believed beam centre (px).
+    lo_valid, hi_valid : float
+        Valid value range; others are masked markers.
+    sat : float
+        Count cutoff (<= 0 disables the saturation counts).
+    row_step, inner : int
+        Row sampling step; full-resolution half-width around the centre (px).
+
+    Returns
+    -------
+    grid : float64 (3, rings * 8)   -- n, sum of clipped values, sum of expected
+    tiles : float64 (8, tiles**2)   -- see the _T_* indices (sampled rows)
+    cols : float64 (2, columns)     -- n, sum of clipped z (sampled rows)
+    rows : float64 (2, rows)        -- n, sum of clipped z (sampled rows only)
+
+    Notes
+    -----
+    Sums stay in registers while the tile or grid cell is unchanged (a
+    scatter-add per pixel serialises on store-to-load forwarding).
+    """
+    ny, nx = frame.shape
+    nbins = mu_ring.shape[0]
+    n_tiles = tile_edges.shape[0] - 1
+    grid_cells = n_rings * 8
+    grid_c = np.zeros((nchunks, 3, grid_cells), dtype=np.float64)
+    tiles_c = np.zeros((nchunks, 8, n_tiles * n_tiles), dtype=np.float64)
+    cols_c = np.zeros((nchunks, 2, nx), dtype=np.float64)
+    rows = np.zeros((2, ny), dtype=np.float64)
+    sat_c = sat / 4.0
+    jin0 = max(0, int(math.floor(bx - inner)))
+    jin1 = min(nx, int(math.ceil(bx + inner)) + 1)
+    for c in prange(nchunks):
+        g = grid_c[c]
+        t = tiles_c[c]
+        cl = cols_c[c]
+        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            dy = i - by
+            sampled = (i % row_step) == 0
+            if not sampled:
+                if abs(dy) >= inner:
+                    continue
+                # full resolution near the beam: polar grid only
+                cur = -1
+                gn = 0.0
+                gv = 0.0
+                gm = 0.0
+                for j in range(jin0, jin1):
+                    b = np.int64(index[i, j])
+                    if b >= nbins:
+                        continue
+                    v = np.float64(frame[i, j])
+                    if not (v >= lo_valid and v <= hi_valid):
+                        continue
+                    mu = mu_ring[b]
+                    cell = rbin_ring[b] * 8 + _sector(j - bx, dy)
+                    if cell != cur:
+                        if cur >= 0:
+                            g[0, cur] += gn
+                            g[1, cur] += gv
+                            g[2, cur] += gm
+                        cur = cell
+                        gn = 0.0
+                        gv = 0.0
+                        gm = 0.0
+                    gn += 1.0
+                    gv += min(v, mu + 5.0 * sd_ring[b])
+                    gm += mu
+                if cur >= 0:
+                    g[0, cur] += gn
+                    g[1, cur] += gv
+                    g[2, cur] += gm
+                continue
+            trow = (i * n_tiles // ny) * n_tiles
+            rn = 0.0
+            rz = 0.0
+            cur = -1
+            gn = 0.0
+            gv = 0.0
+            gm = 0.0
+            for tc in range(n_tiles):
+                s_n = 0.0
+                s_v = 0.0
+                s_mu = 0.0
+                s_zero = 0.0
+                s_e = 0.0
+                s_bright = 0.0
+                s_sat = 0.0
+                s_satc = 0.0
+                for j in range(tile_edges[tc], tile_edges[tc + 1]):
+                    b = np.int64(index[i, j])
+                    if b >= nbins:
+                        continue
+                    v = np.float64(frame[i, j])
+                    if not (v >= lo_valid and v <= hi_valid):
+                        continue
+                    mu = mu_ring[b]
+                    sd = sd_ring[b]
+                    # clipped value: hot pixels and spots must not dominate a mean
+                    vc = min(v, mu + 5.0 * sd)
+                    cell = rbin_ring[b] * 8 + _sector(j - bx, dy)
+                    if cell != cur:
+                        if cur >= 0:
+                            g[0, cur] += gn
+                            g[1, cur] += gv
+                            g[2, cur] += gm
+                        cur = cell
+                        gn = 0.0
+                        gv = 0.0
+                        gm = 0.0
+                    gn += 1.0
+                    gv += vc
+                    gm += mu
+                    z = (vc - mu) / sd
+                    if z < -5.0:
+                        z = -5.0
+                    rz += z
+                    cl[0, j] += 1.0
+                    cl[1, j] += z
+                    s_n += 1.0
+                    s_v += vc
+                    s_mu += mu
+                    s_e += e_ring[b]
+                    if v == 0.0:
+                        s_zero += 1.0
+                    if vc >= mu + 5.0 * sd:
+                        s_bright += 1.0
+                    if sat > 0.0 and v >= sat:
+                        s_sat += 1.0
+                        # a saturated pixel with a bright 4-neighbour is part of an
+                        # overloaded spot or beam, not an isolated defective pixel
+                        nb = -1.0
+                        if j > 0:
+                            nb = max(nb, np.float64(frame[i, j - 1]))
+                        if j + 1 < nx:
+                            nb = max(nb, np.float64(frame[i, j + 1]))
+                        if i > 0:
+                            nb = max(nb, np.float64(frame[i - 1, j]))
+                        if i + 1 < ny:
+                            nb = max(nb, np.float64(frame[i + 1, j]))
+                        if nb >= sat_c and nb <= hi_valid:
+                            s_satc += 1.0
+                k = trow + tc
+                rn += s_n
+                t[0, k] += s_n
+                t[1, k] += s_v
+                t[2, k] += s_mu
+                t[3, k] += s_zero
+                t[4, k] += s_e
+                t[5, k] += s_bright
+                t[6, k] += s_sat
+                t[7, k] += s_satc
+            if cur >= 0:
+                g[0, cur] += gn
+                g[1, cur] += gv
+                g[2, cur] += gm
+            rows[0, i] = rn
+            rows[1, i] = rz
+    grid = np.zeros((3, grid_cells), dtype=np.float64)
+    tiles = np.zeros((8, n_tiles * n_tiles), dtype=np.float64)
+    cols = np.zeros((2, nx), dtype=np.float64)
+    for c in range(nchunks):
+        grid += grid_c[c]
+        tiles += tiles_c[c]
+        cols += cols_c[c]
+    return grid, tiles, cols, rows
+
+
+@njit(cache=True, nogil=True)
+def _ring_contrast(profile, line_radius, half_width, flank_in, flank_out):
+    """Contrast of narrow rings in a 1-px ring-mean profile.
+
+    For each line radius (px; NaN or outside the profile = not visible):
+    ``peak`` = max of the profile within ``half_width`` of the line, ``base``
+    = median of the flanks ``flank_in..flank_out`` px away on both sides,
+    ``noise`` = the flanks' median absolute deviation.
+
+    Returns
+    -------
+    contrast : float64 (lines,)
+        ``(peak - base) / (base + 0.1)``; 0 where not visible.
+    significance : float64 (lines,)
+        ``(peak - base) / (1.4826 * MAD + 0.01)``; 0 where not visible.
+    visible : bool (lines,)
+    """
+    n = profile.shape[0]
+    m = line_radius.shape[0]
+    contrast = np.zeros(m, dtype=np.float64)
+    signif = np.zeros(m, dtype=np.float64)
+    visible = np.zeros(m, dtype=np.bool_)
+    buf = np.empty(4 * flank_out + 4, dtype=np.float64)
+    for k in range(m):
+        r = line_radius[k]
+        if not (r == r) or r - flank_out < 1.0 or r + flank_out >= n - 1:
+            continue
+        rc = int(r + 0.5)
+        peak = -1.0e300
+        for q in range(rc - half_width, rc + half_width + 1):
+            if profile[q] > peak:
+                peak = profile[q]
+        nb = 0
+        for q in range(rc - flank_out, rc - flank_in + 1):
+            buf[nb] = profile[q]
+            nb += 1
+        for q in range(rc + flank_in, rc + flank_out + 1):
+            buf[nb] = profile[q]
+            nb += 1
+        fl = np.sort(buf[:nb])
+        base = fl[nb // 2]
+        dev = np.sort(np.abs(fl - base))
+        mad = dev[nb // 2]
+        visible[k] = True
+        contrast[k] = (peak - base) / (abs(base) + 0.1)
+        signif[k] = (peak - base) / (1.4826 * mad + 0.01)
+    return contrast, signif, visible
+
+
+# ---------------------------------------------------------------------------
+# Per-geometry tables (cached on the Geometry instance)
+# ---------------------------------------------------------------------------
+def _tables(geometry: Geometry, stats: RadialStats):
+    key = ("anomaly_features", stats.bins.nbins, stats.bins.width, geometry.beam_center)
+    tab = geometry._cache.get(key)
+    if tab is None:
+        radius = stats.bins.radius
+        rbin = np.searchsorted(RADIAL_EDGES_PX, radius, side="right").astype(np.int64)
+        ny, nx = geometry.shape
+        tile_col = np.array([(k * nx + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
+        line_r = np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64) / stats.bins.width
+        tab = (rbin, tile_col, line_r)
+        geometry._cache[key] = tab
+    return tab
+
+
+def _nchunks() -> int:
+    return max(1, numba.get_num_threads()) * 2
+
+
+def _check_finite(arr: np.ndarray, index: np.ndarray, nbins: int) -> None:
+    """NaN/inf where the mask says valid is a broken frame, not a masked pixel."""
+    if arr.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.all():
+        raise FeatureError("frame is all NaN/inf")
+    if (bad & (index < nbins)).any():
+        raise FeatureError("frame has NaN/inf on valid pixels (mask them in the geometry or "
+                           "use negative markers)")
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+def frame_features(frame: np.ndarray, geometry: Geometry, *, stats: RadialStats | None = None,
+                   peaks=None, row_step: int = 4) -> np.ndarray:
+    """Anomaly-model input vector of one frame.
+
+    Parameters
+    ----------
+    frame : ndarray, shape (rows, columns)
+        Raw counts, any integer or float dtype. Negative values are detector
+        gap/bad-pixel markers (masked); unsigned frames use the dtype maximum.
+    geometry : Geometry
+        Believed beam centre, distance, wavelength, mask and saturation
+        (count cutoff). Without a saturation the saturation features are 0.
+    stats : RadialStats, optional
+        :func:`edge.radial_stats` of this frame; computed when omitted
+        (about 1 ms per megapixel).
+    peaks : Peaks, optional
+        :func:`edge.find_peaks` result of this frame; computed when omitted.
+    row_step : int
+        Read every ``row_step``-th row for the tile/stripe/scalar sums. The
+        model was trained with the default; keep it.
+
+    Returns
+    -------
+    ndarray of float32, shape (N_FEATURES,)
+        See :data:`FEATURE_NAMES`.
+
+    Raises
+    ------
+    FeatureError
+        Frame not 2-D or of an unsupported dtype, shape not matching the
+        geometry, NaN/inf on valid pixels, missing geometry.
+    """
+    if not isinstance(geometry, Geometry):
+        raise FeatureError(f"geometry must be an edge.Geometry, got {type(geometry).__name__}")
+    try:
+        prepared = prepare_frame(frame, None, geometry=geometry)
+    except ValueError as exc:
+        raise FeatureError(str(exc)) from None
+    arr = prepared[0]
+    if stats is None:
+        stats = radial_stats(arr, geometry=geometry, _prepared=prepared)
+    elif stats.bins.index.shape != arr.shape:
+        raise FeatureError(f"stats were computed for shape {stats.bins.index.shape}, frame is {arr.shape}")
+    _check_finite(arr, stats.bins.index, stats.bins.nbins)
+    if peaks is None:
+        from .spotfinding import find_peaks
+
+        peaks = find_peaks(arr, geometry=geometry, stats=stats)
+    return frame_features_from_parts(arr, geometry, stats, peaks, lo_valid=prepared[2], hi_valid=prepared[3],
+                                     row_step=row_step)
+
+
+def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: RadialStats, peaks, *,
+                              lo_valid: float = 0.0, hi_valid: float = 1.0e300,
+                              row_step: int = 4) -> np.ndarray:
+    """:func:`frame_features` for an already validated kernel-dtype frame (no checks)."""
+    rbin, tile_col, line_r = _tables(geometry, stats)
+    mu = np.nan_to_num(np.asarray(stats.mean, dtype=np.float64), nan=0.0)
+    mu = np.maximum(mu, 0.0)
+    sig = np.nan_to_num(np.asarray(stats.sigma, dtype=np.float64), nan=0.0)
+    # Poisson floor: the clipped sigma underestimates the noise of low counts
+    sd = np.maximum(np.maximum(sig, np.sqrt(mu)), 0.5)
+    e0 = np.exp(-mu)
+    sat = float(geometry.saturation) if geometry.saturation else 0.0
+    bx, by = geometry.beam_center
+    grid, tiles, cols, rows = _accumulate(arr, stats.bins.index, mu, sd, e0, rbin, N_RINGS, tile_col,
+                                          float(bx), float(by), float(lo_valid), float(hi_valid), sat,
+                                          int(row_step), int(INNER_FULL_PX), _nchunks())
+    out = np.zeros(N_FEATURES, dtype=np.float64)
+    k = 0
+    # polar grid
+    n, sv, smu = grid
+    nn = np.maximum(n, 1.0)
+    ratio = np.where(n > 0, np.log2((sv / nn + LOG_EPS) / (smu / nn + LOG_EPS)), 0.0)
+    ratio = np.clip(ratio, -8.0, 8.0).reshape(N_RINGS, N_SECTORS)
+    out[k : k + N_RINGS * N_SECTORS] = ratio.ravel()
+    k += N_RINGS * N_SECTORS
+    ang = np.exp(2j * np.pi * (np.arange(N_SECTORS) + 0.5) / N_SECTORS)
+    out[k : k + N_RINGS] = np.abs(ratio @ ang) * (2.0 / N_SECTORS)
+    k += N_RINGS
+    # tiles
+    tn = tiles[_T_N]
+    ok = tn >= 16
+    if ok.any():
+        t = tiles[:, ok]
+        tnn = t[_T_N]
+        zx = (t[_T_ZERO] - t[_T_EZERO]) / tnn
+        tr = np.log2((t[_T_SUMV] / tnn + LOG_EPS) / (t[_T_SUMMU] / tnn + LOG_EPS))
+        tb = np.log10(t[_T_BRIGHT] / tnn + 1e-5)
+        out[k : k + 8] = [zx.max(), zx.mean(), zx.min(), tr.max(), tr.min(), tr.std(), tb.max(), np.median(tb)]
+    k += 8
+    # stripes
+    for acc in (cols, rows):
+        good = acc[0] >= 16
+        if good.any():
+            zc = acc[1, good] / np.sqrt(acc[0, good])
+            out[k] = np.log1p(max(zc.max(), 0.0))
+            out[k + 1] = -np.log1p(max(-zc.min(), 0.0))
+        k += 2
+    # scalars
+    ntot = tn.sum()
+    tot = tiles.sum(axis=1)
+    if ntot > 0:
+        mean_v = tot[_T_SUMV] / ntot
+        mean_mu = tot[_T_SUMMU] / ntot
+        zero_frac = tot[_T_ZERO] / ntot
+        out[k : k + 7] = [
+            np.log10(mean_v + 0.01),
+            np.log10(mean_mu + 0.01),
+            zero_frac,
+            zero_frac - tot[_T_EZERO] / ntot,
+            np.log10(tot[_T_BRIGHT] / ntot + 1e-6),
+            np.log10(tot[_T_SAT] / ntot + 1e-7),
+            np.log10(1.0 + tot[_T_SATC] * row_step),
+        ]
+    k += 7
+    # peaks: density per megapixel of (estimated) valid area
+    n_sampled_rows = len(range(0, arr.shape[0], row_step))
+    mpix = max(ntot * arr.shape[0] / max(n_sampled_rows, 1), 1.0) / 1.0e6
+    npk = len(peaks) if peaks is not None else 0
+    if npk:
+        strong = int(np.count_nonzero(np.asarray(peaks.snr) >= 10.0))
+        nsat = int(np.count_nonzero(np.asarray(peaks.saturated)))
+    else:
+        strong = nsat = 0
+    out[k : k + 4] = [np.log10(1.0 + npk / mpix), np.log10(1.0 + strong / mpix), np.log10(1.0 + nsat),
+                      nsat / max(npk, 1)]
+    k += 4
+    # ice rings from the clipped ring means
+    nl = len(ICE_LINES_A)
+    contrast, signif, visible = _ring_contrast(mu, line_r, 3, 8, 24)
+    out[k : k + nl] = np.clip(contrast, -2.0, 20.0)
+    k += nl
+    out[k] = np.log1p(max(signif.max(), 0.0)) if visible.any() else 0.0
+    out[k + 1] = visible.mean()
+    k += 2
+    assert k == N_FEATURES
+    return out.astype(np.float32)
+
+
+def warmup(dtypes=(np.int32, np.uint16, np.uint32, np.float32)) -> None:
+    """Compile (or load from cache) the kernels for the common frame dtypes."""
+    from .sim import simulate
+
+    sf = simulate(layout="1m", seed=0, n_spots=20, beamstop_radius=10.0)
+    base = sf.frame
+    for dt in dtypes:
+        f = np.clip(base, 0, None).astype(dt)
+        frame_features(f, sf.geometry)

@@ -1,0 +1,349 @@
+"""Train and export the frame-anomaly model: ``python -m models.train``.
+
+One command regenerates the simulated data (cached under ``runs/`` only as a
+speed-up), trains a small Keras MLP on :func:`edge.features.frame_features`,
+tunes per-class thresholds on a validation split, evaluates on a held-out
+split, and writes
+
+* ``models/anomaly_int8.tflite`` - full-integer (int8 in, int8 out) model,
+* ``models/anomaly.onnx`` - the same network in float32 (built with
+  ``onnx.helper`` from the trained weights, checked with ``onnx.checker``),
+* ``models/model_card.json`` - classes, input spec, thresholds, data recipe,
+  held-out metrics, int8-vs-float agreement, sha256 of both files, versions.
+
+Needs the training environment (TensorFlow >= 2.15, onnx, onnxruntime,
+ai-edge-litert); the runtime never imports this module. Deterministic: fixed
+seeds for data, weight init and shuffling, and TensorFlow op determinism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+# one thread per worker process, fixed before numba/tensorflow load
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import numpy as np  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent
+ROOT = MODELS.parent
+CACHE = ROOT / "runs" / "anomaly_cache"  # gitignored; never required
+
+#: Seed ranges (half-open). Held-out and test seeds are never used in training.
+SPLITS = {
+    "train": (0, 5000),
+    "validation": (100_000, 101_000),  # threshold tuning only
+    "heldout": (200_000, 201_500),     # reported metrics
+}
+#: Seeds from here on are free for tests ("fresh" frames).
+FRESH_SEEDS_FROM = 900_000
+RECIPE_VERSION = 1  # bump when edge.anomaly_data or edge.features change
+CLIP = 6.0  # standardised features are clipped to +-CLIP before the network
+HIDDEN = (64, 64)
+EPOCHS = 120
+BATCH = 128
+SEED = 1234
+
+
+def _chunk(args):
+    lo, hi = args
+    from edge.anomaly_data import make_dataset
+
+    return make_dataset(range(lo, hi))
+
+
+def dataset(name: str, *, workers: int = 2, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of one split (generated in parallel, optionally cached)."""
+    from edge.features import N_FEATURES
+
+    lo, hi = SPLITS[name]
+    path = CACHE / f"{name}_{lo}_{hi}_v{RECIPE_VERSION}_f{N_FEATURES}.npz"
+    if use_cache and path.exists():
+        d = np.load(path)
+        return d["x"], d["y"]
+    t0 = time.time()
+    step = 100
+    chunks = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_chunk, chunks)
+    else:
+        parts = [_chunk(c) for c in chunks]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    print(f"[data] {name}: {len(x)} frames in {time.time() - t0:.0f} s", flush=True)
+    if use_cache:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, x=x, y=y)
+    return x, y
+
+
+def _standardise(x, mean, std):
+    return np.clip((x - mean) / std, -CLIP, CLIP).astype(np.float32)
+
+
+def build_model(n_in: int, n_out: int):
+    import keras
+    from keras import layers
+
+    inp = keras.Input((n_in,), name="features")
+    h = inp
+    for k, width in enumerate(HIDDEN):
+        h = layers.Dense(width, activation="relu", name=f"dense{k}")(h)
+    out = layers.Dense(n_out, activation="sigmoid", name="probabilities")(h)
+    return keras.Model(inp, out)
+
+
+def train(xs, ys, xv, yv):
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(SEED)
+    tf.config.experimental.enable_op_determinism()
+    model = build_model(xs.shape[1], ys.shape[1])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    sched = keras.callbacks.LearningRateScheduler(lambda e, lr: 1e-3 if e < EPOCHS * 0.6 else 3e-4)
+    model.fit(xs, ys, validation_data=(xv, yv), epochs=EPOCHS, batch_size=BATCH, shuffle=True, verbose=0,
+              callbacks=[sched])
+    return model
+
+
+def tune_thresholds(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-class threshold maximising F1 on the validation split (ties: nearest 0.5)."""
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
+    out = np.empty(p.shape[1])
+    for c in range(p.shape[1]):
+        f1 = np.array([_prf(p[:, c] >= t, y[:, c] > 0.5)[2] for t in grid])
+        best = np.flatnonzero(f1 >= f1.max() - 1e-9)
+        out[c] = grid[best[np.argmin(np.abs(grid[best] - 0.5))]]
+    return out
+
+
+def _prf(pred: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
+    tp = float(np.count_nonzero(pred & true))
+    fp = float(np.count_nonzero(pred & ~true))
+    fn = float(np.count_nonzero(~pred & true))
+    p = tp / (tp + fp) if tp + fp else 1.0
+    r = tp / (tp + fn) if tp + fn else 1.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def metrics(flags: np.ndarray, y: np.ndarray, classes) -> dict:
+    true = y > 0.5
+    per = {}
+    for c, name in enumerate(classes):
+        p, r, f = _prf(flags[:, c], true[:, c])
+        per[name] = {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4),
+                     "support": int(true[:, c].sum())}
+    normal_true = ~true.any(axis=1)
+    normal_pred = ~flags.any(axis=1)
+    return {
+        "macro_f1": round(float(np.mean([v["f1"] for v in per.values()])), 4),
+        "per_class": per,
+        "exact_match": round(float(np.mean((flags == true).all(axis=1))), 4),
+        "normal_frames": int(normal_true.sum()),
+        "normal_false_alarm_rate": round(float(np.mean(~normal_pred[normal_true])) if normal_true.any() else 0.0, 4),
+    }
+
+
+def export_tflite(model, rep: np.ndarray) -> bytes:
+    import tensorflow as tf
+
+    def representative():
+        for row in rep:
+            yield [row[None, :].astype(np.float32)]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    return conv.convert()
+
+
+def export_onnx(model, n_in: int, classes) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    cur = "features"
+    dense = [layer for layer in model.layers if layer.__class__.__name__ == "Dense"]
+    for k, layer in enumerate(dense):
+        w, b = (np.asarray(a, dtype=np.float32) for a in layer.get_weights())
+        inits += [numpy_helper.from_array(w, f"W{k}"), numpy_helper.from_array(b, f"B{k}")]
+        nodes.append(helper.make_node("MatMul", [cur, f"W{k}"], [f"mm{k}"]))
+        nodes.append(helper.make_node("Add", [f"mm{k}", f"B{k}"], [f"z{k}"]))
+        last = k == len(dense) - 1
+        act = "Sigmoid" if last else "Relu"
+        out = "probabilities" if last else f"h{k}"
+        nodes.append(helper.make_node(act, [f"z{k}"], [out]))
+        cur = out
+    graph = helper.make_graph(
+        nodes, "anomaly_mlp",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(classes)])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="xray-edge models.train")
+    m.ir_version = 8
+    m.doc_string = "Frame-anomaly MLP; input: standardised, clipped features (see model_card.json)."
+    onnx.checker.check_model(m, full_check=True)
+    return m.SerializeToString()
+
+
+def run_tflite(blob: bytes, x: np.ndarray) -> np.ndarray:
+    """Dequantised probabilities of the int8 model (ai-edge-litert), one row at a time."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    it = Interpreter(model_content=blob, num_threads=1)
+    it.allocate_tensors()
+    ind, outd = it.get_input_details()[0], it.get_output_details()[0]
+    si, zi = ind["quantization"]
+    so, zo = outd["quantization"]
+    out = np.empty((len(x), outd["shape"][-1]), np.float32)
+    for k, row in enumerate(x):
+        q = np.clip(np.round(row / si) + zi, -128, 127).astype(np.int8)
+        it.set_tensor(ind["index"], q[None, :])
+        it.invoke()
+        out[k] = (it.get_tensor(outd["index"])[0].astype(np.float32) - zo) * so
+    return out
+
+
+def run_onnx(blob: bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"features": x.astype(np.float32)})[0]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("tensorflow", "tensorflow-cpu", "keras", "numpy", "numba", "onnx", "onnxruntime", "ai-edge-litert"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2, help="data-generation processes")
+    ap.add_argument("--no-cache", action="store_true", help="regenerate data, do not read or write runs/")
+    ap.add_argument("--out", type=Path, default=MODELS, help="output folder (default: models/)")
+    args = ap.parse_args(argv)
+
+    from edge.anomaly_data import CLASSES, MIN_SATURATED, P_ANOMALY, P_NO_BEAM
+    from edge.features import FEATURE_NAMES, N_FEATURES
+
+    t0 = time.time()
+    data = {k: dataset(k, workers=args.workers, use_cache=not args.no_cache) for k in SPLITS}
+    xtr, ytr = data["train"]
+    mean = xtr.mean(axis=0)
+    std = xtr.std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0)
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    xs = {k: _standardise(v[0], mean, std) for k, v in data.items()}
+
+    model = train(xs["train"], ytr, xs["validation"], data["validation"][1])
+    p_val = model.predict(xs["validation"], verbose=0)
+    thr = tune_thresholds(p_val, data["validation"][1])
+
+    tfl = export_tflite(model, xs["train"][:: max(1, len(xtr) // 1000)])
+    onx = export_onnx(model, N_FEATURES, CLASSES)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "anomaly_int8.tflite").write_bytes(tfl)
+    (args.out / "anomaly.onnx").write_bytes(onx)
+
+    xh, yh = xs["heldout"], data["heldout"][1]
+    p_int8 = run_tflite(tfl, xh)
+    p_float = run_onnx(onx, xh)
+    p_keras = model.predict(xh, verbose=0)
+    f_int8, f_float = p_int8 >= thr, p_float >= thr
+    m_int8, m_float = metrics(f_int8, yh, CLASSES), metrics(f_float, yh, CLASSES)
+    agree = float(np.mean(f_int8 == f_float))
+    agree_frames = float(np.mean((f_int8 == f_float).all(axis=1)))
+
+    card = {
+        "name": "xray-edge frame anomaly classifier",
+        "version": 1,
+        "task": "multi-label classification of detector-frame anomalies (sigmoid per class; no flag = normal)",
+        "classes": list(CLASSES),
+        "thresholds": {c: float(t) for c, t in zip(CLASSES, thr)},
+        "files": {
+            "tflite": {"path": "anomaly_int8.tflite", "sha256": _sha256(tfl), "bytes": len(tfl)},
+            "onnx": {"path": "anomaly.onnx", "sha256": _sha256(onx), "bytes": len(onx)},
+        },
+        "input": {
+            "features": list(FEATURE_NAMES),
+            "n_features": N_FEATURES,
+            "computed_by": "edge.features.frame_features(frame, geometry, stats=radial_stats, peaks=find_peaks)",
+            "normalisation": "x = clip((features - mean) / std, -clip, clip), float32",
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "clip": CLIP,
+            "tflite_input": "int8, q = round(x / scale) + zero_point (scale/zero point from the tensor)",
+            "onnx_input": "float32 x, name 'features', shape (batch, n_features)",
+        },
+        "output": {"tflite": "int8 probabilities, p = (q - zero_point) * scale", "onnx": "float32 probabilities",
+                   "name": "probabilities"},
+        "architecture": {"type": "MLP", "hidden": list(HIDDEN), "activation": "relu", "output": "sigmoid",
+                         "loss": "binary cross-entropy", "optimizer": "Adam 1e-3 then 3e-4",
+                         "epochs": EPOCHS, "batch": BATCH, "seed": SEED},
+        "data": {
+            "generator": "edge.anomaly_data.make_example(seed) (edge.sim + anomaly knobs)",
+            "recipe_version": RECIPE_VERSION,
+            "splits": {k: {"seeds": list(v), "frames": int(v[1] - v[0]),
+                           "positives": {c: int(n) for c, n in zip(CLASSES, data[k][1].sum(axis=0))}}
+                       for k, v in SPLITS.items()},
+            "fresh_seeds_from": FRESH_SEEDS_FROM,
+            "p_anomaly_each": P_ANOMALY,
+            "p_no_beam": P_NO_BEAM,
+            "saturation_label": f">= {MIN_SATURATED} saturated pixels with a bright 4-neighbour",
+            "layouts": {"1m": 0.9, "4m": 0.1},
+        },
+        "metrics_heldout": {"int8_tflite": m_int8, "float_onnx": m_float},
+        "int8_vs_float": {
+            "flag_agreement": round(agree, 5),
+            "frame_agreement": round(agree_frames, 5),
+            "max_abs_prob_diff": round(float(np.abs(p_int8 - p_float).max()), 4),
+            "onnx_vs_keras_max_abs_diff": float(np.abs(p_float - p_keras).max()),
+        },
+        "command": "python -m models.train  (training venv; writes models/*)",
+        "tool_versions": _versions(),
+        "training_seconds": round(time.time() - t0, 1),
+    }
+    (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(json.dumps({"macro_f1_int8": m_int8["macro_f1"], "macro_f1_float": m_float["macro_f1"],
+                      "per_class_f1_int8": {k: v["f1"] for k, v in m_int8["per_class"].items()},
+                      "flag_agreement": agree, "tflite_bytes": len(tfl), "thresholds": card["thresholds"]},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
