@@ -173,7 +173,32 @@ def _ring_moments(frame, index, nbins, lo, hi, row_step, nchunks):
 
 
 @njit(cache=True, nogil=True)
+def _update_bounds(m, count, mean, var, lo, hi, lo_valid, hi_valid, nsigma):
+    """One clipping update from moments ``m`` (count, sum, sum of squares per
+    ring). Returns (pixels that changed side, pixels counted)."""
+    nbins = count.shape[0]
+    moved = 0.0
+    total = 0.0
+    for b in range(nbins):
+        n = m[0, b]
+        moved += abs(n - count[b])
+        total += n
+        count[b] = n
+        if n > 0:
+            mu = m[1, b] / n
+            v = m[2, b] / n - mu * mu
+            mean[b] = mu
+            var[b] = v if v > 0.0 else 0.0
+            s = np.sqrt(var[b])
+            lo[b] = max(lo_valid, mu - nsigma * s)
+            hi[b] = min(hi_valid, mu + nsigma * s)
+    return moved, total
+
+
+@njit(cache=True, nogil=True)
 def _clip_iterations(frame, index, nbins, lo_valid, hi_valid, n_iter, nsigma, row_step, nchunks):
+    """Iterative sigma clipping per ring, one pass over the sampled rows per
+    iteration; stops once fewer than 0.1 % of the pixels change side."""
     lo = np.full(nbins, lo_valid, dtype=np.float64)
     hi = np.full(nbins, hi_valid, dtype=np.float64)
     mean = np.zeros(nbins, dtype=np.float64)
@@ -181,24 +206,102 @@ def _clip_iterations(frame, index, nbins, lo_valid, hi_valid, n_iter, nsigma, ro
     count = np.zeros(nbins, dtype=np.float64)
     for it in range(n_iter):
         m = _ring_moments(frame, index, nbins, lo, hi, row_step, nchunks)
-        moved = 0.0
-        total = 0.0
-        for b in range(nbins):
-            n = m[0, b]
-            moved += abs(n - count[b])
-            total += n
-            count[b] = n
-            if n > 0:
-                mu = m[1, b] / n
-                v = m[2, b] / n - mu * mu
-                mean[b] = mu
-                var[b] = v if v > 0.0 else 0.0
-                s = np.sqrt(var[b])
-                lo[b] = max(lo_valid, mu - nsigma * s)
-                hi[b] = min(hi_valid, mu + nsigma * s)
-        if moved <= 1.0e-3 * total:  # clipping has converged
+        moved, total = _update_bounds(m, count, mean, var, lo, hi, lo_valid, hi_valid, nsigma)
+        if moved <= 1.0e-3 * total:
             break
     return mean, var, count
+
+
+HIST_BINS = 64
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _ring_histogram(frame, index, nbins, hi_valid, row_step, nchunks):
+    """Per-ring histogram of integer values 0..HIST_BINS-1 over the sampled
+    rows, plus count/sum/sum-of-squares/min/max of the larger values."""
+    ny, nx = frame.shape
+    hist = np.zeros((nchunks, nbins, HIST_BINS), dtype=np.int32)
+    over = np.zeros((nchunks, 3, nbins), dtype=np.float64)
+    omin = np.full((nchunks, nbins), np.inf)
+    omax = np.full((nchunks, nbins), -np.inf)
+    nrows = (ny + row_step - 1) // row_step
+    for c in prange(nchunks):
+        h = hist[c]
+        o = over[c]
+        for rr in range(c * nrows // nchunks, (c + 1) * nrows // nchunks):
+            i = rr * row_step
+            for j in range(nx):
+                b = np.int64(index[i, j])
+                if b >= nbins:
+                    continue
+                v = np.int64(frame[i, j])
+                if v < 0 or v > hi_valid:
+                    continue
+                if v < HIST_BINS:
+                    h[b, v] += 1
+                else:
+                    fv = np.float64(v)
+                    o[0, b] += 1.0
+                    o[1, b] += fv
+                    o[2, b] += fv * fv
+                    omin[c, b] = min(omin[c, b], fv)
+                    omax[c, b] = max(omax[c, b], fv)
+    tot = np.zeros((nbins, HIST_BINS), dtype=np.int64)
+    otot = np.zeros((3, nbins), dtype=np.float64)
+    mn = np.full(nbins, np.inf)
+    mx = np.full(nbins, -np.inf)
+    for c in range(nchunks):
+        tot += hist[c]
+        otot += over[c]
+        for b in range(nbins):
+            mn[b] = min(mn[b], omin[c, b])
+            mx[b] = max(mx[b], omax[c, b])
+    return tot, otot, mn, mx
+
+
+@njit(cache=True, nogil=True)
+def _clip_histogram(hist, over, omin, omax, lo_valid, hi_valid, n_iter, nsigma):
+    """The same clipping as :func:`_clip_iterations`, on ring histograms.
+
+    Returns ``ok=False`` when a clip bound falls among the large values that
+    the histogram does not resolve (high background); the caller then runs
+    the pixel-pass version.
+    """
+    nbins = hist.shape[0]
+    lo = np.full(nbins, lo_valid, dtype=np.float64)
+    hi = np.full(nbins, hi_valid, dtype=np.float64)
+    mean = np.zeros(nbins, dtype=np.float64)
+    var = np.zeros(nbins, dtype=np.float64)
+    count = np.zeros(nbins, dtype=np.float64)
+    m = np.zeros((3, nbins), dtype=np.float64)
+    for it in range(n_iter):
+        for b in range(nbins):
+            # integer v passes lo <= v <= hi  <=>  ceil(lo) <= v <= floor(hi)
+            v0 = max(np.ceil(lo[b]), 0.0)
+            v1 = min(np.floor(hi[b]), HIST_BINS - 1.0)
+            n = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            for v in range(np.int64(v0), np.int64(v1) + 1):
+                k = np.float64(hist[b, v])
+                fv = np.float64(v)
+                n += k
+                s1 += k * fv
+                s2 += k * fv * fv
+            if over[0, b] > 0:
+                if lo[b] <= omin[b] and hi[b] >= omax[b]:
+                    n += over[0, b]
+                    s1 += over[1, b]
+                    s2 += over[2, b]
+                elif hi[b] >= omin[b] or lo[b] > omin[b]:
+                    return mean, var, count, False
+            m[0, b] = n
+            m[1, b] = s1
+            m[2, b] = s2
+        moved, total = _update_bounds(m, count, mean, var, lo, hi, lo_valid, hi_valid, nsigma)
+        if moved <= 1.0e-3 * total:
+            break
+    return mean, var, count, True
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -364,6 +467,19 @@ def prepare_frame(frame, mask=None, *, dark=None, geometry: Geometry | None = No
     return out, msk, -_BIG, _BIG
 
 
+def _clip(arr, bins, lo_valid, hi_valid, n_iter, nsigma, row_step):
+    """Clipped ring statistics: from one histogram pass for raw integer
+    frames (photon counts are small), else one pixel pass per iteration."""
+    if arr.dtype.kind in "iu" and lo_valid == 0.0:
+        hist, over, omin, omax = _ring_histogram(arr, bins.index, bins.nbins, hi_valid, row_step,
+                                                 max(1, numba.get_num_threads()))
+        mean, var, count, ok = _clip_histogram(hist, over, omin, omax, lo_valid, hi_valid, n_iter, nsigma)
+        if ok:
+            return mean, var, count
+    return _clip_iterations(arr, bins.index, bins.nbins, lo_valid, hi_valid, n_iter, nsigma, row_step,
+                            _nchunks())
+
+
 def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = None,
                  bin_width: float = 1.0, n_iter: int = 5, nsigma: float = 3.0,
                  row_step: int = 4, min_count: int = 8, small_ring: int = 64, dark=None,
@@ -407,8 +523,7 @@ def radial_stats(frame, mask=None, *, center=None, geometry: Geometry | None = N
     if n_iter < 1 or nsigma <= 0 or row_step < 1:
         raise ValueError("n_iter and row_step must be >= 1 and nsigma > 0")
     bins = radial_bins(arr.shape, center=center, geometry=geometry, mask=msk, bin_width=bin_width)
-    mean, var, count = _clip_iterations(arr, bins.index, bins.nbins, lo_valid, hi_valid, int(n_iter),
-                                        float(nsigma), int(row_step), _nchunks())
+    mean, var, count = _clip(arr, bins, lo_valid, hi_valid, int(n_iter), float(nsigma), int(row_step))
     sigma = np.sqrt(var)
     mean, sigma = _robust_small_rings(mean, sigma, count, small_ring)
     good = count >= min_count

@@ -305,3 +305,30 @@ def test_fill_maps_matches_indexing(data):
     np.testing.assert_array_equal(m[inside], bm[index[inside]])
     np.testing.assert_array_equal(s[inside], bs[index[inside]])
     assert np.isnan(m[~inside]).all() and np.isnan(s[~inside]).all()
+
+
+@given(frames(), st.integers(1, 6), st.floats(1.5, 4.0), st.integers(1, 3), st.integers(0, 200))
+@SETTINGS
+def test_histogram_clipping_equals_pixel_pass_clipping(data, n_iter, nsigma, row_step, offset):
+    frame, index, ncell, _ = data
+    if frame.dtype.kind == "f":
+        frame = np.nan_to_num(frame, nan=-1).astype(np.int32)
+    # an offset pushes some rings past the histogram range (exercises the fallback)
+    frame = np.where(frame >= 0, frame + offset, frame).astype(frame.dtype)
+    hi_valid = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    bins = bgm.RadialBins(index, ncell, 1.0)
+    got = bgm._clip(frame, bins, 0.0, hi_valid, n_iter, nsigma, row_step)
+    ref = _ref_clip(frame, index, ncell, 0.0, hi_valid, n_iter, nsigma, row_step)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
+
+
+def test_histogram_clipping_is_used_for_counts_and_falls_back_for_high_background():
+    rng = np.random.default_rng(0)
+    index = np.zeros((50, 50), np.uint16)
+    low = rng.poisson(3, (50, 50)).astype(np.int32)
+    hist, over, omin, omax = bgm._ring_histogram(low, index, 1, 1e300, 1, 2)
+    assert bgm._clip_histogram(hist, over, omin, omax, 0.0, 1e300, 5, 3.0)[3]
+    high = rng.poisson(500, (50, 50)).astype(np.int32)
+    hist, over, omin, omax = bgm._ring_histogram(high, index, 1, 1e300, 1, 2)
+    assert not bgm._clip_histogram(hist, over, omin, omax, 0.0, 1e300, 5, 3.0)[3]
