@@ -1,0 +1,70 @@
+"""Beam-centre and dead-region measurements behind correction commands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.measure import _chamfer_distance, find_dead_regions, measure_beam_center, measure_beam_offset
+from edge.sim import simulate
+
+
+def _ref_chamfer(inside):
+    ny, nx = inside.shape
+    out = np.zeros((ny, nx))
+    outside = [(i, j) for i in range(-1, ny + 1) for j in range(-1, nx + 1)
+               if not (0 <= i < ny and 0 <= j < nx) or not inside[i, j]]
+    o = np.array(outside, dtype=float)
+    for i in range(ny):
+        for j in range(nx):
+            if inside[i, j]:
+                di = np.abs(o[:, 0] - i)
+                dj = np.abs(o[:, 1] - j)
+                # 3-4 chamfer metric: 4*min + 3*(max - min), in units of 3
+                out[i, j] = (4 * np.minimum(di, dj) + 3 * np.abs(di - dj)).min() / 3.0
+    return out
+
+
+@given(st.integers(1, 14), st.integers(1, 14), st.integers(0, 2**32 - 1), st.floats(0.2, 0.95))
+@settings(max_examples=40, deadline=None)
+def test_chamfer_distance_matches_brute_force(ny, nx, seed, p):
+    inside = np.random.default_rng(seed).random((ny, nx)) < p
+    np.testing.assert_allclose(_chamfer_distance(inside), _ref_chamfer(inside))
+
+
+@pytest.mark.parametrize("layout,offset", [("1m", (0, 0)), ("1m", (15, -10)), ("1m", (-30, 25)),
+                                           ("4m", (40, 0)), ("4m", (-20, -20))])
+def test_beam_offset_from_beamstop_shadow(layout, offset):
+    sf = simulate(layout=layout, seed=3, beam_offset=offset)
+    dx, dy = measure_beam_offset(sf.frame, sf.geometry)
+    assert abs(dx - offset[0]) <= 3 and abs(dy - offset[1]) <= 6
+
+
+def test_no_beam_gives_no_centre():
+    sf = simulate(layout="1m", seed=3, flux=0)
+    assert measure_beam_center(sf.frame, sf.geometry) is None
+
+
+def _module_boxes(layout):
+    from edge.geometry import LAYOUTS
+
+    lay = LAYOUTS[layout]
+    (mr, mc), (pr, pc), (gr, gc) = lay.modules, lay.module_shape, lay.gap
+    return [(i * (pr + gr), i * (pr + gr) + pr, j * (pc + gc), j * (pc + gc) + pc)
+            for i in range(mr) for j in range(mc)]
+
+
+def test_dead_module_is_found_and_clean_frames_have_none():
+    sf = simulate(layout="4m", seed=4, dead_modules=1)
+    dead_modules = [b for b in _module_boxes("4m") if sf.frame[b[0]:b[1], b[2]:b[3]].max() <= 0]
+    assert len(dead_modules) == 1
+    m0, m1, n0, n1 = dead_modules[0]
+    boxes = find_dead_regions(sf.frame, sf.geometry)
+    assert len(boxes) == 1
+    r0, r1, c0, c1 = boxes[0]
+    # inside the dead module, covering most of it (64-px tiles straddling its edge are not dead)
+    assert m0 <= r0 < r1 <= m1 and n0 <= c0 < c1 <= n1
+    assert (r1 - r0) * (c1 - c0) > 0.8 * (m1 - m0) * (n1 - n0)
+    assert find_dead_regions(simulate(layout="4m", seed=4).frame, sf.geometry) == []
