@@ -181,14 +181,18 @@ class FrameSource:
         if self.preload and self._preloaded is None:
             length = self._length()
             if length is None:
-                raise SourceError(f"{self.name}: preload=True needs a finite source (set n_frames)")
-            if self._cap is not None and not self.loop:
+                length = self._cap
+                if length is None:
+                    raise SourceError(f"{self.name}: preload=True needs a finite source (set n_frames)")
+            elif self._cap is not None and not self.loop:
                 length = min(length, self._cap)
             self._preloaded = [self._read(k) for k in range(length)]
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
         self.prepare()
         length = self._length()
+        if length is None and self._preloaded is not None:
+            length = len(self._preloaded)  # endless simulator: n_frames distinct frames were preloaded
         total = self.n_frames
         if length == 0:
             return
@@ -449,7 +453,8 @@ class CbfSource(FrameSource):
     ----------
     paths : path, directory, glob or sequence of paths
         CBF files (``.cbf``, ``.cbf.bz2``, ``.cbf.gz``); directories and globs
-        are expanded and sorted naturally (``img_2`` before ``img_10``).
+        are expanded and sorted naturally (``img_2`` before ``img_10``); a
+        sequence is replayed in the given order.
     verify_checksum : bool
         Check ``Content-MD5`` when the header has one (~10 ms per 6M frame).
     **kw
@@ -514,7 +519,8 @@ class CbfSource(FrameSource):
         except FileNotFoundError as exc:
             raise SourceError(f"{where}: file not found", path=path, frame=k) from exc
         except Exception as exc:  # fabio/bz2 raise many types on damaged files
-            raise SourceError(f"{where}: cannot read CBF: {type(exc).__name__}: {exc}",
+            raise SourceError(f"{where}: cannot read CBF (truncated, corrupt or not a CBF file): "
+                              f"{type(exc).__name__}: {exc}",
                               path=path, frame=k) from exc
         return np.ascontiguousarray(data.reshape(ny, nx)), header
 
@@ -543,14 +549,15 @@ def _expand_cbf(paths) -> list[str]:
                 raise SourceError(f"no CBF files match {p!r}", path=p)
         else:
             found = [p]
-    else:
+        found.sort(key=_natural_key)
+    else:  # an explicit list keeps the caller's order
         found = [os.fspath(x) for x in paths]
         if not found:
             raise SourceError("empty list of CBF files")
     for f in found:
         if not os.path.isfile(f):
             raise SourceError(f"CBF file not found: {f!r}", path=f)
-    return sorted(found, key=_natural_key)
+    return found
 
 
 # =============================================================================

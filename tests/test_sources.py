@@ -1,0 +1,402 @@
+"""Frame sources: simulator pools, scripted scenarios, pacing, CBF and Eiger replay."""
+
+from __future__ import annotations
+
+import bz2
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge import Geometry
+from edge.scenario import LABELS, Phase, Scenario, ScenarioError, default_scenario
+from edge.sources import (CbfSource, EigerSource, FrameMeta, SimulatorSource, SourceError, open_source,
+                          write_eiger_master)
+
+REAL_FRAMES = Path(__file__).resolve().parents[2] / "shared" / "real_frames"
+REAL_NAMES = ["thau_3_2_0002.cbf.bz2", "thau_3_2_0008.cbf.bz2", "thau_3_2_0014.cbf.bz2", "thau_3_2_0019.cbf.bz2"]
+
+
+def needs_real_frames():
+    if not all((REAL_FRAMES / n).is_file() for n in REAL_NAMES):
+        pytest.skip(f"shared real CBF frames not found in {REAL_FRAMES} (clone the repo beside shared/)")
+
+
+# A short scenario keeps the simulator tests fast: 3 configurations x pool 2.
+SHORT = {
+    "name": "short", "n_frames": 12,
+    "phases": [
+        {"name": "sat", "start": 3, "end": 6, "labels": ["saturation"], "sim": {"overload": 1000.0}},
+        {"name": "off", "start": 8, "end": 10, "labels": ["beam_off_center"], "sim": {"beam_offset": [20, -10]}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def short_run():
+    with SimulatorSource("1m", scenario=SHORT, pool=2, seed=7, n_spots=60) as src:
+        return [(f, m) for f, m in src]
+
+
+# -- scenario ------------------------------------------------------------------------
+def test_default_scenario_timeline():
+    sc = default_scenario()
+    assert sc.n_frames == 2000
+    got = {p.name: (p.start, p.end, set(p.labels)) for p in sc.phases}
+    assert got["saturation"] == (200, 260, {"saturation"})
+    assert got["ice_rings"][2] == {"ice_rings"}
+    assert got["beam_off_center"][2] == {"beam_off_center"}
+    assert got["no_beam"][2] == {"no_beam"}
+    assert got["detector_fault"][2] == {"detector_fault"}
+    assert got["weak_diffraction"][2] == {"weak_diffraction"}
+    # judged run: long phases, long clean gaps, a clean start for baselines
+    assert all(len(p) >= 30 for p in sc.phases)
+    gaps = sc.clean_ranges()
+    assert gaps[0] == (0, 200) and all(e - s >= 50 for s, e in gaps)
+    assert sc.labels_at(199) == frozenset() and sc.labels_at(200) == {"saturation"}
+    assert sc.labels_at(259) == {"saturation"} and sc.labels_at(260) == frozenset()
+    assert sc.overrides_at(730) == {"beam_offset": (24.0, -16.0)}
+    assert sc.overrides_at(1000) == {"flux": 0.0}
+    assert sc.overrides_at(1520) == {"mean_intensity": 20.0}
+    assert set().union(*(p.labels for p in sc.phases)) <= LABELS
+
+
+def test_scenario_roundtrip_and_toml(tmp_path):
+    sc = default_scenario()
+    assert Scenario.from_dict(sc.to_dict()) == sc
+    f = tmp_path / "s.toml"
+    f.write_text('name = "mine"\nn_frames = 100\n[base]\nn_spots = 50\n'
+                 '[[phases]]\nname = "ice"\nstart = 10\nend = 40\nlabels = ["ice_rings"]\nsim = { ice_rings = true }\n')
+    s = Scenario.from_toml(f)
+    assert s.name == "mine" and s.labels_at(10) == {"ice_rings"} and s.labels_at(40) == frozenset()
+    assert s.overrides_at(20) == {"n_spots": 50, "ice_rings": True} and s.overrides_at(0) == {"n_spots": 50}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_frames": 0}, ["n_frames"]),
+    ({"bogus": 1}, ["bogus"]),
+    ({"phases": [{"name": "a", "start": 5, "end": 2, "labels": []}]}, ["'a'", "start"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 50, "labels": []},
+                 {"name": "b", "start": 40, "end": 60, "labels": []}]}, ["'b'", "overlaps", "'a'"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 5, "labels": ["sunburn"]}]}, ["sunburn"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 5, "sim": {"flux_capacitor": 1}}]}, ["flux_capacitor"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 5, "sim": {"layout": "4m"}}]}, ["layout"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 5, "sim": {"ice_rings": 1}}]}, ["ice_rings"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 5, "sim": {"overload": -3}}]}, ["overload"]),
+    ({"phases": [{"name": "a", "start": 0, "end": 5, "extra": 1}]}, ["phases[0]", "extra"]),
+])
+def test_scenario_validation(change, words):
+    data = {"n_frames": 100, **change}
+    with pytest.raises(ScenarioError) as ei:
+        Scenario.from_dict(data, source="my.toml")
+    msg = str(ei.value)
+    assert "my.toml" in msg and all(w in msg for w in words), msg
+
+
+# -- simulator source ------------------------------------------------------------------
+def test_simulator_scenario_labels_and_truth(short_run):
+    assert [m.index for _, m in short_run] == list(range(12))
+    truth = [m.truth for _, m in short_run]
+    assert truth == [frozenset()] * 3 + [{"saturation"}] * 3 + [frozenset()] * 2 + [{"beam_off_center"}] * 2 \
+        + [frozenset()] * 2
+    assert [m.info["phase"] for _, m in short_run][3:6] == ["sat"] * 3
+    # the true beam moves, the geometry keeps the believed centre
+    geom = short_run[0][1].geometry
+    for f, m in short_run:
+        assert m.geometry is geom and f.shape == geom.shape and m.source == "scenario:short:1m"
+        assert m.info["beam_offset_px"] == ((20.0, -10.0) if 8 <= m.index < 10 else (0.0, 0.0))
+    sat = geom.saturation
+    n_clip = [int((f >= sat).sum()) for f, _ in short_run]
+    assert min(n_clip[3:6]) > 5 and max(n_clip[:3] + n_clip[6:]) < 5  # overload clips spots at the cutoff
+
+
+def test_simulator_pool_cycling(short_run):
+    frames = [f for f, _ in short_run]
+    # clean frames 0, 1, 2 use clean slots 0, 1, 0: two distinct frames, cycled
+    assert frames[0] is frames[2] and not np.array_equal(frames[0], frames[1])
+    assert [m.info["pool_slot"] for _, m in short_run][:4] == [0, 1, 0, 1]
+    # phases get their own pool (distinct from the clean frames)
+    assert not np.array_equal(frames[3], frames[0])
+
+
+def test_simulator_deterministic(short_run):
+    with SimulatorSource("1m", scenario=SHORT, pool=2, seed=7, n_spots=60, n_frames=6) as src:
+        again = list(src)
+    assert len(again) == 6
+    for (a, ma), (b, mb) in zip(short_run, again):
+        assert np.array_equal(a, b) and ma.truth == mb.truth and ma.info["seed"] == mb.info["seed"]
+    with SimulatorSource("1m", scenario=SHORT, pool=2, seed=8, n_spots=60, n_frames=1) as src:
+        other = next(iter(src))[0]
+    assert not np.array_equal(other, short_run[0][0])
+
+
+def test_simulator_endless_and_preload():
+    with SimulatorSource("1m", pool=1, n_spots=20) as src:
+        assert src.n_frames is None
+        it = iter(src)
+        got = [next(it) for _ in range(2500)]  # long runs stream from the pool
+        assert got[-1][1].index == 2499 and got[0][0] is got[-1][0]
+    with SimulatorSource("1m", n_frames=3, preload=True, n_spots=20, copy=True) as src:
+        frames = [f for f, _ in src]
+        assert len(frames) == 3 and not np.array_equal(frames[0], frames[1])
+    with pytest.raises(SourceError, match="finite"):
+        SimulatorSource("1m", preload=True).prepare()
+    with pytest.raises(SourceError, match="max_memory_bytes"):
+        SimulatorSource("1m", pool=4, max_memory_bytes=1 << 20).prepare()
+
+
+def test_scenario_dead_module_region_recorded():
+    sc = {"n_frames": 1, "phases": [{"name": "f", "start": 0, "end": 1, "labels": ["detector_fault"],
+                                     "sim": {"dead_modules": 1}}]}
+    with SimulatorSource("1m", scenario=sc, pool=1, n_spots=20) as src:
+        frame, meta = next(iter(src))
+    (r0, r1, c0, c1), = meta.info["fault_regions"]
+    assert (frame[r0:r1, c0:c1] > 0).mean() < 0.01
+    assert meta.truth == {"detector_fault"}
+
+
+def test_loop_counts_on():
+    sc = {"n_frames": 3, "phases": [{"name": "i", "start": 1, "end": 2, "labels": ["ice_rings"],
+                                     "sim": {"ice_rings": True}}]}
+    with SimulatorSource("1m", scenario=sc, pool=1, n_spots=20, loop=True, n_frames=7) as src:
+        metas = [m for _, m in src]
+    assert [m.index for m in metas] == list(range(7))
+    assert [bool(m.truth) for m in metas] == [False, True, False] * 2 + [False]
+    assert [m.info["pass"] for m in metas] == [0, 0, 0, 1, 1, 1, 2]
+
+
+# -- pacing ---------------------------------------------------------------------------
+def test_pacing_schedule():
+    with SimulatorSource("1m", pool=1, n_spots=20, rate_hz=200.0, n_frames=41) as src:
+        src.prepare()
+        stamps = [m.t_source for _, m in src]
+    mean = (stamps[-1] - stamps[0]) / 40
+    # loose band: the schedule paces (not a free run, which would be ~microseconds) without
+    # asserting scheduler precision
+    assert 0.5 / 200 < mean < 5.0 / 200
+    assert all(b >= a for a, b in zip(stamps, stamps[1:]))
+
+
+def test_pacing_never_bursts_after_a_stall():
+    import time
+
+    with SimulatorSource("1m", pool=1, n_spots=20, rate_hz=100.0, n_frames=6) as src:
+        src.prepare()
+        stamps = []
+        for k, (_, m) in enumerate(src):
+            stamps.append(m.t_source)
+            if k == 1:
+                time.sleep(0.2)  # consumer stalls for 20 periods
+        stats = src.stats
+    assert stats["emitted"] == 6 and stats["reanchors"] >= 1
+    # after the stall the source re-anchors instead of emitting the 20 missed frames back to back:
+    # the frames after the late one are paced again (count-based, not a timing assertion)
+    gaps = np.diff(stamps[2:])
+    assert (gaps > 0.25 / 100).sum() >= len(gaps) - 1
+
+
+def test_rate_validation():
+    with pytest.raises(SourceError, match="rate_hz"):
+        open_source("sim", rate_hz=0)
+    with pytest.raises(SourceError, match="rate_hz"):
+        open_source("sim", rate_hz="fast")
+    with pytest.raises(SourceError, match="frame time"):
+        open_source("sim", rate_hz="file")
+
+
+# -- CBF replay -------------------------------------------------------------------------
+def test_real_cbf_replay_with_header_geometry():
+    needs_real_frames()
+    with open_source(str(REAL_FRAMES), rate_hz="file") as src:
+        assert isinstance(src, CbfSource) and src.n_frames == 4
+        assert src.frame_time == pytest.approx(0.02) and src.rate_hz == pytest.approx(50.0)
+        g = src.geometry
+        assert g.shape == (2527, 2463) and g.pixel_size_mm == pytest.approx(0.172)
+        assert g.distance_mm == pytest.approx(351.0) and g.wavelength_A == pytest.approx(0.96859)
+        assert g.beam_center == pytest.approx((1261.61, 1306.96)) and g.saturation == 115897
+        assert g.mask is not None and not g.mask.all()  # gaps (-1) and bad pixels (-2) masked
+        got = [(f, m) for f, m in src]
+    import fabio
+
+    for (f, m), name in zip(got, REAL_NAMES):
+        assert m.info["path"].endswith(name) and m.info["exposure_s"] == pytest.approx(0.019)
+        assert np.array_equal(f, fabio.open(str(REAL_FRAMES / name)).data)
+    single = open_source(str(REAL_FRAMES / REAL_NAMES[0]), n_frames=1)
+    assert single.n_frames == 1 and single.name.endswith(REAL_NAMES[0])
+    glob_src = open_source(str(REAL_FRAMES / "thau_3_2_001*.cbf.bz2"))
+    assert [Path(p).name for p in glob_src.paths] == REAL_NAMES[2:]
+
+
+@pytest.fixture(scope="module")
+def damaged_cbfs(tmp_path_factory):
+    needs_real_frames()
+    d = tmp_path_factory.mktemp("cbf")
+    raw = bz2.decompress((REAL_FRAMES / REAL_NAMES[3]).read_bytes())
+    start = raw.index(b"\x0c\x1a\x04\xd5") + 4
+    (d / "a_0001.cbf").write_bytes(raw)
+    (d / "a_0002.cbf").write_bytes(raw[: start + 100000])  # truncated mid-binary
+    flipped = bytearray(raw)
+    flipped[start + 5000: start + 5100] = b"\x7f" * 100  # corrupt, same length
+    (d / "a_0003.cbf").write_bytes(bytes(flipped))
+    (d / "a_0004.cbf.bz2").write_bytes(bz2.compress(raw)[:50000])  # truncated compressed stream
+    (d / "a_0005.cbf").write_bytes(b"this is not a CBF file\n" * 10)
+    return d
+
+
+@pytest.mark.parametrize("name, words", [
+    ("a_0002.cbf", ["truncated"]),
+    ("a_0003.cbf", ["corrupt", "MD5"]),
+    ("a_0004.cbf.bz2", ["cannot read"]),
+    ("a_0005.cbf", ["cannot read"]),
+])
+def test_damaged_cbf_named_in_error(damaged_cbfs, name, words):
+    good = damaged_cbfs / "a_0001.cbf"
+    bad = damaged_cbfs / name
+    src = CbfSource([good, bad, good])
+    it = iter(src)
+    frame, meta = next(it)
+    assert meta.index == 0 and frame.shape == (2527, 2463)
+    with pytest.raises(SourceError) as ei:
+        next(it)  # never skipped silently
+    msg = str(ei.value)
+    assert name in msg and "frame 1" in msg and all(w in msg for w in words), msg
+    assert ei.value.frame == 1 and ei.value.path.endswith(name)
+
+
+def test_damaged_first_cbf_fails_at_open(damaged_cbfs):
+    with pytest.raises(SourceError, match="a_0002.cbf.*frame 0"):
+        open_source(str(damaged_cbfs / "a_0002.cbf"))
+
+
+# -- Eiger / NeXus -----------------------------------------------------------------------
+def _eiger_geometry(shape=(64, 48)):
+    mask = np.ones(shape, bool)
+    mask[20:23, :] = False  # a module gap
+    mask[5, 7] = False
+    return Geometry(shape, 0.075, 150.0, 0.98, (23.5, 31.25), mask=mask, saturation=32000)
+
+
+def _eiger_frames(n=7, shape=(64, 48)):
+    rng = np.random.default_rng(3)
+    frames = rng.poisson(3.0, (n, *shape)).astype(np.uint32)
+    frames[:, 20:23, :] = np.iinfo(np.uint32).max  # Eiger gap convention
+    frames[:, 10, 10] = 40000
+    return frames
+
+
+def test_eiger_bitshuffle_lz4_roundtrip(tmp_path):
+    geom, frames = _eiger_geometry(), _eiger_frames()
+    master = write_eiger_master(tmp_path / "scan_master.h5", frames, geom, frames_per_file=3,
+                                frame_time=0.01, count_time=0.0099)
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    with h5py.File(tmp_path / "scan_data_000001.h5") as f:  # really compressed with bitshuffle (filter 32008)
+        assert "32008" in f["/entry/data/data"]._filters
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "scan_data_000001.h5", "scan_data_000002.h5", "scan_data_000003.h5", "scan_master.h5"]
+    with open_source(str(master), rate_hz="file") as src:
+        assert isinstance(src, EigerSource) and src.n_frames == 7 and src.rate_hz == pytest.approx(100.0)
+        g = src.geometry
+        assert g.shape == geom.shape and g.pixel_size_mm == pytest.approx(0.075)
+        assert g.distance_mm == pytest.approx(150.0) and g.wavelength_A == pytest.approx(0.98)
+        assert g.beam_center == pytest.approx((23.5, 31.25)) and g.saturation == 32000
+        assert np.array_equal(g.mask, geom.mask)
+        got = list(src)
+    assert len(got) == 7
+    for k, (f, m) in enumerate(got):
+        assert isinstance(m, FrameMeta) and m.index == k
+        assert f.dtype == np.uint32 and np.array_equal(f, frames[k])  # bit-identical
+    assert got[4][1].info["dataset"] == "data_000002" and got[4][1].info["frame_in_file"] == 1
+    assert got[0][1].info["exposure_s"] == pytest.approx(0.0099)
+
+
+def test_eiger_missing_field_and_data_file(tmp_path):
+    import h5py
+
+    geom, frames = _eiger_geometry(), _eiger_frames(4)
+    master = write_eiger_master(tmp_path / "x_master.h5", frames, geom, frames_per_file=2)
+    (tmp_path / "x_data_000002.h5").unlink()
+    with pytest.raises(SourceError) as ei:
+        EigerSource(master)
+    assert "x_data_000002.h5" in str(ei.value) and "frames from 2" in str(ei.value)
+    m2 = write_eiger_master(tmp_path / "y_master.h5", frames, geom)
+    with h5py.File(m2, "a") as f:
+        del f["/entry/instrument/detector/detector_distance"]
+    with pytest.raises(SourceError, match="y_master.h5.*detector_distance"):
+        open_source(str(m2))
+
+
+def test_eiger_corrupt_chunk_names_file_and_frame(tmp_path):
+    geom, frames = _eiger_geometry(), _eiger_frames(6)
+    master = write_eiger_master(tmp_path / "c_master.h5", frames, geom, frames_per_file=3)
+    import h5py
+
+    data_file = tmp_path / "c_data_000002.h5"
+    with h5py.File(data_file) as f:  # locate frame 4's chunk (second in this file)
+        ds = f["/entry/data/data"]
+        info = ds.id.get_chunk_info(1)
+        offset, size = info.byte_offset, info.size
+    raw = bytearray(data_file.read_bytes())
+    raw[offset: offset + size] = b"\x55" * size
+    data_file.write_bytes(bytes(raw))
+    src = EigerSource(master)
+    it = iter(src)
+    for k in range(4):
+        f, m = next(it)
+        assert np.array_equal(f, frames[k])
+    with pytest.raises(SourceError) as ei:
+        next(it)
+    assert "c_data_000002.h5" in str(ei.value) and "frame 4" in str(ei.value) and ei.value.frame == 4
+    src.close()
+
+
+def test_eiger_truncated_data_file(tmp_path):
+    geom, frames = _eiger_geometry(), _eiger_frames(4)
+    master = write_eiger_master(tmp_path / "t_master.h5", frames, geom, frames_per_file=2)
+    p = tmp_path / "t_data_000002.h5"
+    p.write_bytes(p.read_bytes()[:2000])
+    with pytest.raises(SourceError) as ei:
+        EigerSource(master)
+    assert "t_data_000002.h5" in str(ei.value) and "frames from 2" in str(ei.value)
+
+
+# -- specs -----------------------------------------------------------------------------
+def test_open_source_specs(tmp_path):
+    s = open_source("sim:4m", n_frames=2)
+    assert isinstance(s, SimulatorSource) and s.geometry.shape == (2167, 2070) and s.n_frames == 2
+    s = open_source("scenario")
+    assert s.scenario == default_scenario() and s.n_frames == 2000 and s.name == "scenario:default:1m"
+    f = tmp_path / "sc.toml"
+    f.write_text("n_frames = 5\n")
+    assert open_source(f"scenario:{f}").scenario.n_frames == 5
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("sim:2m", ["unknown layout", "2m"]),
+    ("/nonexistent/frames.cbf", ["not found", "frames.cbf"]),
+    ("/nonexistent/run_master.h5", ["not found", "run_master.h5"]),
+    ("nothing-here", ["not found", "nothing-here"]),
+    ("", ["empty"]),
+])
+def test_bad_specs(spec, words):
+    with pytest.raises(SourceError) as ei:
+        open_source(spec)
+    assert all(w in str(ei.value) for w in words), str(ei.value)
+
+
+def test_bad_spec_kinds(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(SourceError, match="unrecognised source"):
+        open_source(str(tmp_path / "notes.txt"))
+    with pytest.raises(SourceError, match="no CBF files"):
+        open_source(str(tmp_path))
+    with pytest.raises(SourceError, match="pool"):
+        SimulatorSource("1m", pool=0)
+    with pytest.raises(SourceError, match="n_frames"):
+        open_source("sim", n_frames=-1)
+    src = open_source("sim", n_frames=1, pool=1, n_spots=10)
+    src.close()
+    with pytest.raises(SourceError, match="closed"):
+        next(iter(src))
