@@ -369,16 +369,22 @@ def _nchunks() -> int:
     return max(1, numba.get_num_threads()) * 2
 
 
+#: Largest fraction of geometry-valid pixels that may be NaN/inf (float frames
+#: mark single bad pixels with NaN; more than this is a broken frame).
+MAX_NAN_FRACTION = 0.01
+
+
 def _check_finite(arr: np.ndarray, index: np.ndarray, nbins: int) -> None:
-    """NaN/inf where the mask says valid is a broken frame, not a masked pixel."""
     if arr.dtype.kind != "f":
         return
     bad = ~np.isfinite(arr)
     if bad.all():
         raise FeatureError("frame is all NaN/inf")
-    if (bad & (index < nbins)).any():
-        raise FeatureError("frame has NaN/inf on valid pixels (mask them in the geometry or "
-                           "use negative markers)")
+    valid = index < nbins
+    n_bad = int(np.count_nonzero(bad & valid))
+    if n_bad > MAX_NAN_FRACTION * max(int(np.count_nonzero(valid)), 1):
+        raise FeatureError(f"frame has NaN/inf on {n_bad} pixels the geometry says are valid "
+                           f"(more than {MAX_NAN_FRACTION:.0%}); mask them in the geometry")
 
 
 # ---------------------------------------------------------------------------
@@ -414,7 +420,9 @@ def frame_features(frame: np.ndarray, geometry: Geometry, *, stats: RadialStats 
     ------
     FeatureError
         Frame not 2-D or of an unsupported dtype, shape not matching the
-        geometry, NaN/inf on valid pixels, missing geometry.
+        geometry, all NaN/inf or NaN/inf on more than :data:`MAX_NAN_FRACTION`
+        of the geometry-valid pixels (isolated NaN are masked pixels), missing
+        geometry.
     """
     if not isinstance(geometry, Geometry):
         raise FeatureError(f"geometry must be an edge.Geometry, got {type(geometry).__name__}")

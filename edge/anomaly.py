@@ -1,0 +1,275 @@
+"""Frame-anomaly classifier runtime: the shipped int8 TFLite model on frame features.
+
+Classes (multi-label; no flag = normal frame), see ``models/model_card.json``:
+``ice_rings``, ``saturation``, ``blank``, ``no_beam``, ``beam_off_center``,
+``detector_fault``.
+
+Typical use (load once, classify every frame)::
+
+    from edge.anomaly import AnomalyModel
+    model = AnomalyModel.load()                    # models/anomaly_int8.tflite
+    model.warmup()                                 # compile feature kernels now
+    stats = edge.radial_stats(frame, geometry=g)   # the pipeline has these anyway
+    peaks = edge.find_peaks(frame, geometry=g, stats=stats)
+    result = model.classify(frame, g, stats=stats, peaks=peaks)
+    if result.flags: ...
+
+The interpreter comes from ``ai_edge_litert`` (fallback ``tflite_runtime``);
+tensors are allocated once at load. Inputs are standardised with the card's
+mean/std, clipped, and quantised with the input tensor's scale and zero point;
+outputs are dequantised with the output tensor's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .features import N_FEATURES, FeatureError, frame_features
+from .geometry import Geometry
+
+__all__ = ["AnomalyModel", "AnomalyResult", "AnomalyError", "AnomalyInputError", "ModelFileError",
+           "default_model_path"]
+
+MODEL_FILE = "anomaly_int8.tflite"
+CARD_FILE = "model_card.json"
+
+
+class AnomalyError(ValueError):
+    """Base class of the anomaly runtime's errors."""
+
+
+class AnomalyInputError(AnomalyError):
+    """Features or frame unusable: wrong shape or dtype, NaN/inf, geometry mismatch."""
+
+
+class ModelFileError(AnomalyError):
+    """Model or card missing, unreadable, corrupt, or not matching the card's sha256."""
+
+
+def default_model_path() -> Path:
+    """Path of the shipped model inside the installed ``models`` package."""
+    import models
+
+    return Path(models.__file__).resolve().parent / MODEL_FILE
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ModelFileError("no TFLite runtime: install ai-edge-litert (or tflite-runtime)") from exc
+    return Interpreter
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    """Classification of one frame.
+
+    Attributes
+    ----------
+    probabilities : dict of str -> float
+        Per-class probability in [0, 1] (classes as in the model card).
+    flags : tuple of str
+        Classes whose probability reaches the card's threshold; empty = normal.
+    raw : ndarray of float32, shape (n_classes,)
+        The probabilities in class order.
+    """
+
+    probabilities: dict
+    flags: tuple
+    raw: np.ndarray = field(repr=False)
+
+    @property
+    def normal(self) -> bool:
+        """True when no anomaly is flagged."""
+        return not self.flags
+
+
+class AnomalyModel:
+    """The int8 TFLite anomaly classifier with its model card.
+
+    Use :meth:`load`; the constructor is internal.
+
+    Attributes
+    ----------
+    classes : tuple of str
+    thresholds : ndarray of float64, shape (n_classes,)
+        Flag a class when its probability >= threshold.
+    card : dict
+        The parsed model card.
+    path : Path
+        The .tflite file.
+    """
+
+    def __init__(self, interpreter, card: dict, path: Path, num_threads: int):
+        self._it = interpreter
+        self.card = card
+        self.path = path
+        self.num_threads = num_threads
+        self.classes = tuple(card["classes"])
+        self.thresholds = np.array([card["thresholds"][c] for c in self.classes], dtype=np.float64)
+        spec = card["input"]
+        self._mean = np.asarray(spec["mean"], dtype=np.float32)
+        self._std = np.asarray(spec["std"], dtype=np.float32)
+        self._clip = np.float32(spec["clip"])
+        ind = interpreter.get_input_details()[0]
+        outd = interpreter.get_output_details()[0]
+        self._in_index, self._out_index = ind["index"], outd["index"]
+        self._in_scale, self._in_zero = (float(v) for v in ind["quantization"])
+        self._out_scale, self._out_zero = (float(v) for v in outd["quantization"])
+        self._buf = np.zeros((1, N_FEATURES), dtype=np.int8)
+        self._lock = threading.Lock()  # a TFLite interpreter is not thread-safe
+
+    # -- loading ----------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, card: str | Path | dict | None = None,
+             num_threads: int = 1) -> "AnomalyModel":
+        """Load the model and its card, verify the sha256, allocate tensors.
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            The .tflite file; default the shipped ``models/anomaly_int8.tflite``.
+        card : str, Path or dict, optional
+            Model card; default ``model_card.json`` beside ``path``.
+        num_threads : int
+            Interpreter threads (1 keeps the latency predictable on a small board).
+
+        Raises
+        ------
+        ModelFileError
+            Missing/unreadable/corrupt model or card, sha256 mismatch, or a
+            model whose tensors do not match the card.
+        """
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        path = Path(path) if path is not None else default_model_path()
+        if not path.is_file():
+            raise ModelFileError(f"anomaly model not found: {path}")
+        if not isinstance(card, dict):
+            card_path = Path(card) if card is not None else path.with_name(CARD_FILE)
+            try:
+                card = json.loads(card_path.read_text())
+            except FileNotFoundError:
+                raise ModelFileError(f"model card not found: {card_path}") from None
+            except (OSError, ValueError) as exc:
+                raise ModelFileError(f"model card {card_path} is unreadable: {exc}") from None
+        try:
+            want = card["files"]["tflite"]["sha256"]
+            classes = card["classes"]
+            [card["thresholds"][c] for c in classes]
+            if len(card["input"]["mean"]) != N_FEATURES or len(card["input"]["std"]) != N_FEATURES:
+                raise ModelFileError(f"model card expects {len(card['input']['mean'])} features, "
+                                     f"edge.features makes {N_FEATURES}")
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"model card is missing a field: {exc}") from None
+        blob = path.read_bytes()
+        got = hashlib.sha256(blob).hexdigest()
+        if got != want:
+            raise ModelFileError(f"sha256 of {path} is {got}, the model card says {want}: "
+                                 "the model file is corrupt or does not belong to this card")
+        try:
+            it = _interpreter_class()(model_content=blob, num_threads=int(num_threads))
+            it.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{path} is not a valid TFLite model: {exc}") from None
+        ind, outd = it.get_input_details(), it.get_output_details()
+        if (len(ind) != 1 or len(outd) != 1 or tuple(ind[0]["shape"]) != (1, N_FEATURES)
+                or tuple(outd[0]["shape"]) != (1, len(classes))
+                or ind[0]["dtype"] != np.int8 or outd[0]["dtype"] != np.int8):
+            raise ModelFileError(f"{path}: expected int8 input (1, {N_FEATURES}) and int8 output "
+                                 f"(1, {len(classes)}), got {[(d['shape'], d['dtype']) for d in ind + outd]}")
+        return cls(it, card, path, int(num_threads))
+
+    # -- inference ----------------------------------------------------------------
+    def quantize(self, features: np.ndarray) -> np.ndarray:
+        """Standardised, clipped, int8-quantised model input for a (n, N_FEATURES) array."""
+        x = np.clip((np.asarray(features, np.float32) - self._mean) / self._std, -self._clip, self._clip)
+        return np.clip(np.round(x / self._in_scale) + self._in_zero, -128, 127).astype(np.int8)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities (n, n_classes) float32 for features (N_FEATURES,) or (n, N_FEATURES)."""
+        f = self._check_features(features)
+        q = self.quantize(f)
+        out = np.empty((len(q), len(self.classes)), dtype=np.float32)
+        with self._lock:
+            for k in range(len(q)):
+                self._buf[0] = q[k]
+                self._it.set_tensor(self._in_index, self._buf)
+                self._it.invoke()
+                out[k] = self._it.get_tensor(self._out_index)[0]
+        return (out - np.float32(self._out_zero)) * np.float32(self._out_scale)
+
+    def predict(self, features: np.ndarray) -> AnomalyResult:
+        """Classify one feature vector (:func:`edge.features.frame_features`).
+
+        Raises
+        ------
+        AnomalyInputError
+            Not shape (N_FEATURES,) (or (1, N_FEATURES)), not real numbers, or NaN/inf.
+        """
+        f = np.asarray(features)
+        if f.ndim == 2 and f.shape[0] != 1:
+            raise AnomalyInputError(f"predict takes one feature vector, got shape {f.shape}; "
+                                    "use predict_proba for batches")
+        p = self.predict_proba(f.reshape(1, -1) if f.ndim == 1 else f)[0]
+        return self._result(p)
+
+    def classify(self, frame: np.ndarray, geometry: Geometry, *, stats=None, peaks=None) -> AnomalyResult:
+        """Features of ``frame`` then :meth:`predict`.
+
+        Parameters
+        ----------
+        frame : ndarray, shape (rows, columns)
+            Raw counts (negative values = masked).
+        geometry : Geometry
+            The geometry the instrument believes (beam centre, mask, saturation).
+        stats, peaks : optional
+            :func:`edge.radial_stats` and :func:`edge.find_peaks` results of this
+            frame, reused when given (computed otherwise).
+
+        Raises
+        ------
+        AnomalyInputError
+            Wrong frame shape/dtype, NaN/inf on valid pixels, geometry mismatch.
+        """
+        try:
+            f = frame_features(frame, geometry, stats=stats, peaks=peaks)
+        except FeatureError as exc:
+            raise AnomalyInputError(str(exc)) from exc
+        return self.predict(f)
+
+    def warmup(self) -> None:
+        """Compile the feature kernels and run one inference (call at start-up)."""
+        from .features import warmup
+
+        warmup()
+        self.predict(np.zeros(N_FEATURES, np.float32))
+
+    # -- helpers ------------------------------------------------------------------
+    def _result(self, p: np.ndarray) -> AnomalyResult:
+        flags = tuple(c for c, v, t in zip(self.classes, p, self.thresholds) if v >= t)
+        return AnomalyResult({c: float(v) for c, v in zip(self.classes, p)}, flags, p)
+
+    @staticmethod
+    def _check_features(features) -> np.ndarray:
+        f = np.asarray(features)
+        if f.dtype.kind not in "fiu":
+            raise AnomalyInputError(f"features must be real numbers, got dtype {f.dtype}")
+        if f.ndim == 1:
+            f = f[None, :]
+        if f.ndim != 2 or f.shape[1] != N_FEATURES:
+            raise AnomalyInputError(f"features must have shape ({N_FEATURES},) or (n, {N_FEATURES}), "
+                                    f"got {np.shape(features)}")
+        if not np.isfinite(f).all():
+            raise AnomalyInputError("features contain NaN or inf")
+        return f

@@ -1,0 +1,224 @@
+"""The shipped anomaly model: integrity, int8 vs float, accuracy on fresh frames, real frames, bad input.
+
+Everything runs the real model file with the real interpreter (ai-edge-litert)
+and the real ONNX runtime; no mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge import find_peaks, radial_stats
+from edge.anomaly import AnomalyInputError, AnomalyModel, ModelFileError, default_model_path
+from edge.anomaly_data import CLASSES, make_dataset
+from edge.features import N_FEATURES
+from edge.sim import simulate
+
+MODELS = default_model_path().parent
+CARD = json.loads((MODELS / "model_card.json").read_text())
+# fresh seeds: never used for training, validation or the card's held-out set
+FRESH = range(CARD["data"]["fresh_seeds_from"] + 1000, CARD["data"]["fresh_seeds_from"] + 1240)
+
+
+def _ranges_overlap(a, b):
+    return a.start < b[1] and b[0] < a.stop
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AnomalyModel.load()
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """240 fresh simulated frames: features and labels."""
+    return make_dataset(FRESH)
+
+
+# ---------------------------------------------------------------------------
+# Integrity
+# ---------------------------------------------------------------------------
+def test_shipped_model_matches_card():
+    blob = (MODELS / "anomaly_int8.tflite").read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == CARD["files"]["tflite"]["sha256"]
+    onnx_blob = (MODELS / "anomaly.onnx").read_bytes()
+    assert hashlib.sha256(onnx_blob).hexdigest() == CARD["files"]["onnx"]["sha256"]
+    assert len(blob) <= 200 * 1024
+    assert tuple(CARD["classes"]) == CLASSES
+    assert CARD["input"]["n_features"] == N_FEATURES
+
+
+def test_fresh_seeds_are_disjoint_from_training():
+    for name, (lo, hi) in CARD["data"]["splits"].items():
+        assert not _ranges_overlap(FRESH, (lo, hi)), name
+
+
+def test_loads_with_litert_int8_io(model):
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert isinstance(model._it, Interpreter)
+    ind = model._it.get_input_details()[0]
+    outd = model._it.get_output_details()[0]
+    assert ind["dtype"] == np.int8 and outd["dtype"] == np.int8
+    assert ind["quantization"][0] > 0 and outd["quantization"][0] > 0
+    r = model.predict(np.zeros(N_FEATURES, np.float32))
+    assert set(r.probabilities) == set(CLASSES)
+    assert all(0.0 <= p <= 1.0 for p in r.probabilities.values())
+    assert set(r.flags) <= set(CLASSES)
+
+
+def test_thread_count_does_not_change_results(model, fresh):
+    x = fresh[0][:20]
+    m2 = AnomalyModel.load(num_threads=2)
+    np.testing.assert_array_equal(model.predict_proba(x), m2.predict_proba(x))
+
+
+# ---------------------------------------------------------------------------
+# int8 vs float, accuracy on fresh frames
+# ---------------------------------------------------------------------------
+def test_int8_matches_float_onnx(model, fresh):
+    import onnxruntime as ort
+
+    x, _ = fresh
+    sess = ort.InferenceSession(str(MODELS / "anomaly.onnx"), providers=["CPUExecutionProvider"])
+    xs = np.clip((x - np.asarray(CARD["input"]["mean"], np.float32)) / np.asarray(CARD["input"]["std"], np.float32),
+                 -CARD["input"]["clip"], CARD["input"]["clip"]).astype(np.float32)
+    p_float = sess.run(None, {"features": xs})[0]
+    p_int8 = model.predict_proba(x)
+    agree = np.mean((p_float >= model.thresholds) == (p_int8 >= model.thresholds))
+    assert agree >= 0.99, agree
+    assert np.abs(p_float - p_int8).max() < 0.25
+
+
+def test_per_class_precision_recall_on_fresh_frames(model, fresh):
+    x, y = fresh
+    flags = model.predict_proba(x) >= model.thresholds
+    true = y > 0.5
+    report = {}
+    for c, name in enumerate(CLASSES):
+        tp = np.sum(flags[:, c] & true[:, c])
+        prec = tp / max(flags[:, c].sum(), 1)
+        rec = tp / max(true[:, c].sum(), 1)
+        report[name] = (round(float(prec), 3), round(float(rec), 3), int(true[:, c].sum()))
+    print(report)
+    for name, (prec, rec, support) in report.items():
+        assert support >= 10, (name, support)  # the fresh set exercises every class
+        assert prec >= 0.85 and rec >= 0.85, (name, prec, rec)
+    normal = ~true.any(axis=1)
+    assert np.mean(flags[normal].any(axis=1)) <= 0.1
+
+
+# ---------------------------------------------------------------------------
+# Real PILATUS frames
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_results(real_frames, model):
+    out = {}
+    for key, (frame, geom) in real_frames.items():
+        stats = radial_stats(frame, geometry=geom)
+        peaks = find_peaks(frame, geometry=geom, stats=stats)
+        out[key] = model.classify(frame, geom, stats=stats, peaks=peaks)
+    return out
+
+
+@pytest.mark.parametrize("key", ["strong1", "strong2"])
+def test_real_strong_hits_not_flagged(real_results, key):
+    r = real_results[key]
+    assert r.flags == (), r.probabilities
+
+
+def test_real_weak_hit_not_flagged(real_results):
+    r = real_results["weak"]
+    assert r.flags == (), r.probabilities
+
+
+def test_real_blank_flagged_blank(real_results):
+    r = real_results["blank"]
+    assert r.flags == ("blank",), r.probabilities
+
+
+def test_classify_computes_stats_and_peaks_itself(real_frames, model, real_results):
+    frame, geom = real_frames["blank"]
+    r = model.classify(frame, geom)
+    np.testing.assert_array_equal(r.raw, real_results["blank"].raw)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+def test_bad_features(model):
+    with pytest.raises(AnomalyInputError, match="shape"):
+        model.predict(np.zeros(N_FEATURES - 1, np.float32))
+    with pytest.raises(AnomalyInputError, match="shape"):
+        model.predict(np.zeros((2, 3, N_FEATURES), np.float32))
+    with pytest.raises(AnomalyInputError, match="dtype"):
+        model.predict(np.array(["a"] * N_FEATURES))
+    bad = np.zeros(N_FEATURES, np.float32)
+    bad[3] = np.nan
+    with pytest.raises(AnomalyInputError, match="NaN"):
+        model.predict(bad)
+    assert issubclass(AnomalyInputError, ValueError)
+
+
+def test_bad_frames(model):
+    sf = simulate(layout="1m", seed=3, n_spots=30)
+    g = sf.geometry
+    with pytest.raises(AnomalyInputError, match="2-D"):
+        model.classify(sf.frame.ravel(), g)
+    with pytest.raises(AnomalyInputError, match="shape"):
+        model.classify(sf.frame[:, :-3], g)
+    with pytest.raises(AnomalyInputError, match="dtype"):
+        model.classify(sf.frame.astype(bool), g)
+    with pytest.raises(AnomalyInputError, match="NaN"):
+        model.classify(np.full(g.shape, np.nan, np.float32), g)
+    half_nan = sf.frame.astype(np.float32)
+    half_nan[: g.shape[0] // 2] = np.nan
+    with pytest.raises(AnomalyInputError, match="NaN"):
+        model.classify(half_nan, g)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        AnomalyModel.load(tmp_path / "nope.tflite")
+    shutil.copy(MODELS / "anomaly_int8.tflite", tmp_path / "m.tflite")
+    with pytest.raises(ModelFileError, match="card not found"):
+        AnomalyModel.load(tmp_path / "m.tflite")
+
+
+def test_corrupt_model_file_sha_mismatch(tmp_path):
+    blob = bytearray((MODELS / "anomaly_int8.tflite").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / "anomaly_int8.tflite").write_bytes(bytes(blob))
+    shutil.copy(MODELS / "model_card.json", tmp_path / "model_card.json")
+    with pytest.raises(ModelFileError, match="sha256"):
+        AnomalyModel.load(tmp_path / "anomaly_int8.tflite")
+
+
+def test_corrupt_model_file_unparseable(tmp_path):
+    junk = b"not a flatbuffer" * 64
+    card = json.loads(json.dumps(CARD))
+    card["files"]["tflite"]["sha256"] = hashlib.sha256(junk).hexdigest()  # the card vouches for junk
+    (tmp_path / "m.tflite").write_bytes(junk)
+    with pytest.raises(ModelFileError, match="not a valid TFLite model"):
+        AnomalyModel.load(tmp_path / "m.tflite", card=card)
+
+
+def test_corrupt_card(tmp_path):
+    shutil.copy(MODELS / "anomaly_int8.tflite", tmp_path / "anomaly_int8.tflite")
+    (tmp_path / "model_card.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="unreadable"):
+        AnomalyModel.load(tmp_path / "anomaly_int8.tflite")
+    (tmp_path / "model_card.json").write_text(json.dumps({"classes": []}))
+    with pytest.raises(ModelFileError, match="missing"):
+        AnomalyModel.load(tmp_path / "anomaly_int8.tflite")
+
+
+def test_bad_thread_count():
+    with pytest.raises(ValueError):
+        AnomalyModel.load(num_threads=0)

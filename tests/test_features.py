@@ -1,0 +1,209 @@
+"""Feature kernels against plain NumPy references, and frame_features behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge import Geometry, radial_stats
+from edge import features as F
+from edge.sim import simulate
+
+
+# ---------------------------------------------------------------------------
+# NumPy references
+# ---------------------------------------------------------------------------
+def ref_sector(dx, dy):
+    a = math.atan2(dy, dx) % (2 * math.pi)
+    return int(a // (math.pi / 4)) % 8
+
+
+def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, hi, sat, row_step, inner):
+    ny, nx = frame.shape
+    nb = len(mu)
+    n_t = len(edges) - 1
+    grid = np.zeros((3, n_rings * 8))
+    tiles = np.zeros((8, n_t * n_t))
+    cols = np.zeros((2, nx))
+    rows = np.zeros((2, ny))
+    tcol = np.searchsorted(edges, np.arange(nx), side="right") - 1
+    jin0, jin1 = max(0, math.floor(bx - inner)), min(nx, math.ceil(bx + inner) + 1)
+    for i in range(ny):
+        sampled = i % row_step == 0
+        if not sampled and abs(i - by) >= inner:
+            continue
+        for j in range(nx) if sampled else range(jin0, jin1):
+            b = int(index[i, j])
+            v = float(frame[i, j])
+            if b >= nb or not (lo <= v <= hi):
+                continue
+            vc = min(v, mu[b] + 5 * sd[b])
+            cell = rbin[b] * 8 + ref_sector(j - bx, i - by)
+            grid[:, cell] += (1, vc, mu[b])
+            if not sampled:
+                continue
+            z = max((vc - mu[b]) / sd[b], -5.0)
+            cols[:, j] += (1, z)
+            rows[:, i] += (1, z)
+            k = (i * n_t // ny) * n_t + tcol[j]
+            nbr = [float(frame[a, c]) for a, c in ((i, j - 1), (i, j + 1), (i - 1, j), (i + 1, j))
+                   if 0 <= a < ny and 0 <= c < nx]
+            satc = sat > 0 and v >= sat and any(sat / 4 <= x <= hi for x in nbr)
+            tiles[:, k] += (1, vc, mu[b], v == 0, e0[b], vc >= mu[b] + 5 * sd[b], sat > 0 and v >= sat, satc)
+    return grid, tiles, cols, rows
+
+
+def ref_ring_contrast(profile, radii, hw, fi, fo):
+    n = len(profile)
+    out = []
+    for r in radii:
+        if not np.isfinite(r) or r - fo < 1 or r + fo >= n - 1:
+            out.append((0.0, 0.0, False))
+            continue
+        rc = int(r + 0.5)
+        peak = profile[rc - hw : rc + hw + 1].max()
+        fl = np.sort(np.concatenate([profile[rc - fo : rc - fi + 1], profile[rc + fi : rc + fo + 1]]))
+        base = fl[len(fl) // 2]
+        mad = np.sort(np.abs(fl - base))[len(fl) // 2]
+        out.append(((peak - base) / (abs(base) + 0.1), (peak - base) / (1.4826 * mad + 0.01), True))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Kernels vs references
+# ---------------------------------------------------------------------------
+@given(st.floats(-50, 50), st.floats(-50, 50))
+def test_sector_matches_atan2(dx, dy):
+    # on an octant boundary (axes, diagonals) rounding may pick either side
+    k = F._sector(dx, dy)
+    ref = ref_sector(dx, dy)
+    a = math.atan2(dy, dx) % (2 * math.pi)
+    frac = a / (math.pi / 4) - round(a / (math.pi / 4))
+    if abs(frac) > 1e-9:
+        assert k == ref
+    else:
+        assert k in (ref, (ref - 1) % 8, (ref + 1) % 8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ny=st.integers(8, 40), nx=st.integers(8, 40), seed=st.integers(0, 2**31 - 1),
+    row_step=st.integers(1, 4), inner=st.integers(1, 12), dtype=st.sampled_from([np.int32, np.float32, np.uint16]),
+)
+def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
+    rng = np.random.default_rng(seed)
+    nb = 12
+    frame = rng.poisson(3.0, (ny, nx)).astype(np.float64)
+    frame[rng.random((ny, nx)) < 0.05] = 200.0  # saturated pixels, some in clusters
+    frame[rng.random((ny, nx)) < 0.05] = 0.0
+    if dtype != np.uint16:
+        frame[rng.random((ny, nx)) < 0.05] = -1  # masked markers
+    frame = frame.astype(dtype)
+    index = rng.integers(0, nb + 2, (ny, nx)).astype(np.uint16)  # >= nb: masked by the index
+    mu = rng.uniform(0.0, 6.0, nb)
+    sd = np.maximum(np.sqrt(mu), 0.5)
+    e0 = np.exp(-mu)
+    rbin = rng.integers(0, 3, nb).astype(np.int64)
+    nt = int(rng.integers(1, 5))
+    edges = np.array([(k * nx + nt - 1) // nt for k in range(nt + 1)], dtype=np.int64)
+    bx, by = rng.uniform(0, nx), rng.uniform(0, ny)
+    hi = 65534.0 if dtype == np.uint16 else 1e300
+    got = F._accumulate(frame, index, mu, sd, e0, rbin, 3, edges, bx, by, 0.0, hi, 200.0, row_step, inner, 3)
+    want = ref_accumulate(frame, index, mu, sd, e0, rbin, 3, edges, bx, by, 0.0, hi, 200.0, row_step, inner)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(10, 200), seed=st.integers(0, 2**31 - 1), hw=st.integers(0, 4),
+       fi=st.integers(1, 5), extra=st.integers(1, 10))
+def test_ring_contrast_matches_numpy(n, seed, hw, fi, extra):
+    rng = np.random.default_rng(seed)
+    fo = fi + extra
+    profile = rng.gamma(2.0, 1.0, n)
+    radii = np.concatenate([rng.uniform(-5, n + 5, 5), [np.nan]])
+    c, s, v = F._ring_contrast(profile, radii, hw, fi, fo)
+    for k, (rc, rs, rv) in enumerate(ref_ring_contrast(profile, radii, hw, fi, fo)):
+        assert v[k] == rv
+        assert c[k] == pytest.approx(rc, rel=1e-12, abs=1e-12)
+        assert s[k] == pytest.approx(rs, rel=1e-12, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# frame_features
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frame1m():
+    sf = simulate(layout="1m", seed=11, beam_center=(500.0, 300.0))
+    return sf, radial_stats(sf.frame, geometry=sf.geometry)
+
+
+def test_feature_vector_shape_and_names(frame1m):
+    sf, stats = frame1m
+    f = F.frame_features(sf.frame, sf.geometry, stats=stats)
+    assert f.shape == (F.N_FEATURES,) and f.dtype == np.float32
+    assert len(F.FEATURE_NAMES) == F.N_FEATURES == len(set(F.FEATURE_NAMES))
+    assert np.isfinite(f).all()
+
+
+def test_features_reuse_stats_and_dtype_independent(frame1m):
+    sf, stats = frame1m
+    a = F.frame_features(sf.frame, sf.geometry, stats=stats)
+    b = F.frame_features(sf.frame, sf.geometry)  # computes its own stats
+    np.testing.assert_array_equal(a, b)
+    # the same counts as float32 with NaN gaps give the same features
+    ff = sf.frame.astype(np.float32)
+    ff[sf.frame < 0] = np.nan
+    c = F.frame_features(ff, sf.geometry)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_features_respond_to_anomalies():
+    idx = {n: i for i, n in enumerate(F.FEATURE_NAMES)}
+    base = dict(layout="1m", seed=5, beam_center=(500.0, 300.0), background=4.0)
+    normal = F.frame_features(*_fg(simulate(**base)))
+    dark = F.frame_features(*_fg(simulate(**base, flux=0.0)))
+    ice = F.frame_features(*_fg(simulate(**base, ice_rings=True, ice_strength=20.0)))
+    dead = F.frame_features(*_fg(simulate(**base, dead_modules=1)))
+    beam = F.frame_features(*_fg(simulate(**base, direct_beam=1e7)))
+    assert dark[idx["log_mean_counts"]] < normal[idx["log_mean_counts"]] - 1.0
+    assert ice[idx["ice_significance_max"]] > normal[idx["ice_significance_max"]] + 1.0
+    assert dead[idx["tile_zero_excess_max"]] > normal[idx["tile_zero_excess_max"]] + 0.3
+    assert beam[idx["log_saturated_clustered"]] > 1.0 == normal[idx["log_saturated_clustered"]] + 1.0
+
+
+def _fg(sf):
+    return sf.frame, sf.geometry
+
+
+@pytest.mark.parametrize("layout", ["4m", "16m"])
+def test_features_other_layouts(layout):
+    sf = simulate(layout=layout, seed=2, n_spots=50)
+    f = F.frame_features(sf.frame, sf.geometry)
+    assert f.shape == (F.N_FEATURES,) and np.isfinite(f).all()
+
+
+def test_features_bad_input(frame1m):
+    sf, stats = frame1m
+    g = sf.geometry
+    with pytest.raises(F.FeatureError, match="2-D"):
+        F.frame_features(sf.frame[0], g)
+    with pytest.raises(F.FeatureError, match="dtype"):
+        F.frame_features(sf.frame.astype(np.complex64), g)
+    with pytest.raises(F.FeatureError, match="shape"):
+        F.frame_features(sf.frame[:-1], g)
+    with pytest.raises(F.FeatureError, match="all NaN"):
+        F.frame_features(np.full(g.shape, np.nan, np.float32), g)
+    nan_valid = sf.frame.astype(np.float32)
+    nan_valid[600:700, :] = np.nan  # ~10 % of the valid pixels: a broken frame, not a mask
+    with pytest.raises(F.FeatureError, match="NaN"):
+        F.frame_features(nan_valid, g)
+    with pytest.raises(F.FeatureError, match="Geometry"):
+        F.frame_features(sf.frame, None)
+    other = Geometry.for_layout("4m")
+    with pytest.raises(F.FeatureError):
+        F.frame_features(sf.frame, g, stats=radial_stats(np.zeros(other.shape, np.int32), geometry=other))
