@@ -510,8 +510,9 @@ class Policy:
             # fire only on a frame where the condition holds: never on a clean frame
             if not (on and st.armed and st.count >= rule.debounce_n):
                 continue
+            # 1 us slack: frame times are sums of float periods
             if st.last_index is not None and (obs.index - st.last_index < rule.cooldown_frames
-                                              or t - st.last_t < rule.cooldown_s):
+                                              or t - st.last_t < rule.cooldown_s - 1e-6):
                 continue
             while st.fires and st.fires[0] <= t - 60.0:
                 st.fires.popleft()

@@ -400,3 +400,13 @@ def test_bad_spec_kinds(tmp_path):
     src.close()
     with pytest.raises(SourceError, match="closed"):
         next(iter(src))
+
+
+def test_cbf_preload_and_loop():
+    needs_real_frames()
+    with open_source(str(REAL_FRAMES / "thau_3_2_000*.cbf.bz2"), preload=True, loop=True, n_frames=5) as src:
+        assert src.n_frames == 5
+        got = list(src)
+    assert [m.index for _, m in got] == [0, 1, 2, 3, 4]
+    assert got[2][0] is got[0][0] and got[3][0] is got[1][0]  # replayed from memory
+    assert [m.info["pass"] for _, m in got] == [0, 0, 1, 1, 2]
