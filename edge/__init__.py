@@ -1,6 +1,58 @@
-"""edge: detector-side real-time processing for X-ray area detectors."""
-from .geometry import Geometry, DetectorLayout, LAYOUTS
-from .background import subtract_background, estimate_background, radial_stats, local_stats
+"""edge: detector-side real-time processing for X-ray area detectors.
+
+Public API (stable): :class:`Geometry`, :func:`find_peaks` -> :class:`Peaks`,
+:func:`subtract_background`, :func:`estimate_background`, :func:`radial_stats`,
+:func:`local_stats`, :func:`warmup`. Submodules: ``edge.sim`` (simulator),
+``edge.sources`` (frame sources), ``edge.features`` / ``edge.anomaly`` (anomaly
+model), ``edge.policy`` (correction rules), ``edge.pipeline`` (real-time loop),
+``edge.measure`` (beam centre, dead regions).
+"""
+
+import os as _os
+
+# Numba's OpenMP workers spin while they wait (GOMP's default "active"
+# policy). On a 2-4 core board beside other threads (acquisition, serial
+# link) a descheduled worker then stalls every parallel kernel by tens to
+# hundreds of milliseconds; passive waiting costs microseconds per kernel.
+# Set before the first parallel kernel loads the OpenMP runtime; an explicit
+# user setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .background import estimate_background, local_stats, radial_stats, subtract_background
+from .geometry import LAYOUTS, DetectorLayout, Geometry
+from .spotfinding import Peaks, find_peaks
 
 __version__ = "0.1.0"
-from .spotfinding import Peaks, find_peaks
+
+__all__ = ["Geometry", "DetectorLayout", "LAYOUTS", "Peaks", "find_peaks", "subtract_background",
+           "estimate_background", "radial_stats", "local_stats", "warmup", "__version__"]
+
+
+def warmup(dtypes=("uint16", "int32", "uint32", "float32"), *, features: bool = True) -> None:
+    """Compile (or load from Numba's on-disk cache) every hot-path kernel.
+
+    Call once at start-up so no frame pays for compilation. Covers peak
+    finding for the given frame dtypes, both background methods, the
+    measurements and, with ``features``, the anomaly feature kernels.
+    """
+    import numpy as np
+
+    from .measure import find_dead_regions, measure_beam_center
+    from .sim import simulate
+
+    sf = simulate(layout="1m", seed=0, n_spots=20)
+    base = np.clip(sf.frame, 0, None)
+    for dt in dtypes:
+        f = base.astype(dt)
+        find_peaks(f, geometry=sf.geometry)
+        subtract_background(f, geometry=sf.geometry)
+    small = base[:64, :64]
+    local_stats(small)
+    find_peaks(small, method="local")
+    find_peaks(base.astype(np.int32), geometry=sf.geometry, dark=np.zeros(base.shape, np.float32))
+    measure_beam_center(sf.frame, sf.geometry)
+    find_dead_regions(sf.frame, sf.geometry)
+    if features:
+        from .features import warmup as features_warmup
+
+        features_warmup(tuple(np.dtype(d).type for d in dtypes))

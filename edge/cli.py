@@ -1,0 +1,288 @@
+"""The ``edge`` command: ``edge run``, ``edge bench``, ``edge info``, ``edge ports``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _rate(text: str):
+    if text == "file":
+        return "file"
+    v = float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"rate must be > 0 Hz or 'file', got {text}")
+    return v
+
+
+class _Status:
+    """Live one-line status (carriage return on a terminal, a line every 2 s otherwise)."""
+
+    def __init__(self, stream, quiet: bool) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = stream.isatty()
+        self.interval = 0.25 if self.tty else 2.0
+        self.t0 = time.perf_counter()
+        self.t_last = 0.0
+        self.n = 0
+        self.lat: list[float] = []
+        self.flags: dict[str, int] = {}
+        self.cmds = 0
+        self.pipe = None
+
+    def __call__(self, rec: dict) -> None:
+        self.n += 1
+        self.lat.append(rec["latency_ms"])
+        for f in rec["flags"]:
+            self.flags[f] = self.flags.get(f, 0) + 1
+        self.cmds += sum(1 for a in rec["actions"] if a["action"] == "command")
+        now = time.perf_counter()
+        if self.quiet or now - self.t_last < self.interval:
+            return
+        self.t_last = now
+        self.stream.write(self.line(rec) + ("\r" if self.tty else "\n"))
+        self.stream.flush()
+        self.lat = self.lat[-200:]
+
+    def line(self, rec: dict) -> str:
+        import numpy as np
+
+        el = time.perf_counter() - self.t0
+        lat = np.asarray(self.lat[-200:])
+        pipe = self.pipe
+        dropped = pipe._frames.dropped if pipe is not None else 0
+        ok = failed = 0
+        if pipe is not None:
+            with pipe._lock:
+                for c in pipe.command_records:
+                    if c["status"] in ("ok", "dry_run", "no_device"):
+                        ok += 1
+                    else:
+                        failed += 1
+        flags = ",".join(rec["flags"]) or "-"
+        return (f"frame {rec['frame']:>6} | {self.n / el:6.1f} fps | drop {dropped} | "
+                f"lat p50 {np.percentile(lat, 50):5.1f} p99 {np.percentile(lat, 99):5.1f} ms | "
+                f"peaks {rec['n_peaks']:>4} | flags {flags:<28.28} | cmds {self.cmds} ack {ok} fail {failed}")
+
+    def end(self) -> None:
+        if self.tty and not self.quiet:
+            self.stream.write("\n")
+
+
+def cmd_run(args) -> int:
+    import numba
+
+    import firmware_bridge as fb
+
+    from . import warmup
+    from .pipeline import Pipeline
+    from .policy import Policy, PolicyConfigError
+    from .sources import SourceError, open_source
+
+    if args.threads:
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        policy = Policy.from_toml(args.config, dry_run=args.dry_run, limits=args.limits)
+    except (PolicyConfigError, fb.ConfigError, OSError) as exc:
+        print(f"edge run: policy: {exc}", file=sys.stderr)
+        return 2
+    src_kw = {}
+    if args.source.split(":")[0] in ("sim", "scenario") and args.layout:
+        src_kw["layout"] = args.layout
+    try:
+        source = open_source(args.source, rate_hz=args.rate, n_frames=args.frames, loop=args.loop, **src_kw)
+    except SourceError as exc:
+        print(f"edge run: source: {exc}", file=sys.stderr)
+        return 2
+    model = None
+    if not args.no_model:
+        from .anomaly import AnomalyError, AnomalyModel
+
+        try:
+            model = AnomalyModel.load(args.model, num_threads=args.model_threads)
+        except AnomalyError as exc:
+            print(f"edge run: model: {exc}", file=sys.stderr)
+            return 2
+    results = args.results or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl")
+    print(f"edge run: source {source!r}, warming up kernels ...", file=sys.stderr)
+    warmup(features=model is not None)
+    if model is not None:
+        model.warmup()
+
+    with contextlib.ExitStack() as stack:
+        bridge = None
+        if args.dry_run:
+            print("edge run: dry run: commands are validated and logged, never sent", file=sys.stderr)
+        elif args.port:
+            try:
+                bridge = stack.enter_context(fb.connect(args.port, limits=args.limits))
+            except fb.BridgeError as exc:
+                print(f"edge run: cannot connect to {args.port}: {exc}", file=sys.stderr)
+                return 2
+            print(f"edge run: connected to {args.port}", file=sys.stderr)
+        else:
+            from firmware_bridge.emulator import start_pty_emulator
+
+            emu = start_pty_emulator(applied_log=args.applied_log)
+            stack.callback(emu.stop)
+            bridge = stack.enter_context(fb.connect(emu.port, limits=args.limits))
+            print(f"edge run: built-in instrument emulator on pty {emu.port} "
+                  f"(use --port for a real device)", file=sys.stderr)
+        if bridge is not None:
+            state = bridge.state()
+            if state is not None:
+                policy.on_ack(state)
+        status = _Status(sys.stderr, args.quiet)
+        pipe = Pipeline(source, model=model, policy=policy, bridge=bridge, results=results,
+                        queue_size=args.queue_size, on_frame=status)
+        status.pipe = pipe
+        try:
+            summary = pipe.run(max_frames=args.frames, duration=args.duration)
+        except KeyboardInterrupt:
+            pipe.stop()
+            summary = pipe.summary(time.perf_counter() - status.t0)
+        except SourceError as exc:
+            status.end()
+            print(f"edge run: source failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            source.close()
+        status.end()
+    print(summary.table())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .latency import benchmark, to_markdown, write_results
+
+    layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    rates = [float(r) for r in args.rates.split(",")]
+    res = benchmark(layouts, latency_rate=args.rate, n_frames=args.frames, rates=rates,
+                    use_model=not args.no_model)
+    out = Path(args.out)
+    write_results(res, out.with_suffix(".json"), out.with_suffix(".md"))
+    print(to_markdown(res))
+    print(f"written: {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import numba
+
+    from .latency import machine_info
+
+    m = machine_info()
+    print(f"CPU:            {m['cpu']} ({m['machine']}, {m['cores']} cores)")
+    print(f"Python:         {platform.python_version()} ({sys.executable})")
+    for pkg in ("xray-edge", "numpy", "numba", "llvmlite", "pyserial", "cobs", "fabio", "h5py", "hdf5plugin",
+                "ai-edge-litert", "tflite-runtime", "onnx", "onnxruntime"):
+        try:
+            v = md.version(pkg)
+        except md.PackageNotFoundError:
+            v = "not installed"
+        print(f"{pkg + ':':<16}{v}")
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def _touch(n):  # a parallel region initialises the threading layer
+        s = 0
+        for i in prange(n):
+            s += i
+        return s
+
+    _touch(10)
+    print(f"numba threads:  {numba.get_num_threads()} (layer {numba.threading_layer()}; set NUMBA_NUM_THREADS)")
+    try:
+        from .anomaly import AnomalyModel, _interpreter_class
+
+        model = AnomalyModel.load()
+        it = _interpreter_class()
+        print(f"model runtime:  {it.__module__}.{it.__name__}")
+        print(f"model:          {model.path} ({model.path.stat().st_size} bytes), classes {', '.join(model.classes)}")
+    except Exception as exc:  # info must print whatever it can
+        print(f"model:          not loadable: {exc}")
+    return 0
+
+
+def cmd_ports(args) -> int:
+    from serial.tools import list_ports
+
+    ports = sorted(list_ports.comports(), key=lambda p: p.device)
+    if not ports:
+        print("no serial ports found")
+        return 0
+    print(f"{'device':<22} {'VID:PID':<10} {'serial':<18} description")
+    for p in ports:
+        vidpid = f"{p.vid:04x}:{p.pid:04x}" if p.vid is not None else "-"
+        print(f"{p.device:<22} {vidpid:<10} {(p.serial_number or '-'):<18} {p.description or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge", description="Real-time X-ray detector processing beside the detector.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="process frames, flag anomalies, send corrections",
+                       description="Run the real-time loop. Default: the scripted simulator scenario with the "
+                                   "built-in instrument emulator on a pty.")
+    r.add_argument("--source", default="scenario",
+                   help="'scenario' (default), 'sim', 'scenario:FILE.toml', a CBF file/dir/glob or an Eiger *_master.h5")
+    r.add_argument("--layout", default=None, help="simulated detector: 1m (default), 4m, 9m, 16m")
+    r.add_argument("--frames", type=_positive_int, default=None, help="stop after this many frames")
+    r.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    r.add_argument("--rate", type=_rate, default=None, help="frame rate in Hz, or 'file' (default: as fast as possible)")
+    r.add_argument("--loop", action="store_true", help="replay a file source from the start when it ends")
+    r.add_argument("--port", default=None,
+                   help="serial device: path, pyserial URL, usb:VID:PID[:SERIAL] (default: built-in emulator)")
+    r.add_argument("--dry-run", action="store_true", help="validate and log commands, never send them")
+    r.add_argument("--config", default=None, help="policy TOML (default: the shipped policy_default.toml)")
+    r.add_argument("--limits", default=None, help="bridge limits TOML (default: the shipped limits.toml)")
+    r.add_argument("--model", default=None, help="anomaly model .tflite (default: the shipped model)")
+    r.add_argument("--no-model", action="store_true", help="run without the anomaly model")
+    r.add_argument("--model-threads", type=_positive_int, default=1, help="TFLite threads (default 1)")
+    r.add_argument("--threads", type=_positive_int, default=None, help="Numba threads (default: all cores)")
+    r.add_argument("--queue-size", type=_positive_int, default=4, help="frames buffered before dropping the oldest")
+    r.add_argument("--results", default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
+    r.add_argument("--applied-log", default=None, help="built-in emulator: JSON Lines log of applied commands")
+    r.add_argument("--quiet", action="store_true", help="no live status line")
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
+    b.add_argument("--layouts", default="1m,4m")
+    b.add_argument("--rate", type=float, default=50.0, help="frame rate for the latency runs (Hz)")
+    b.add_argument("--rates", default="25,50,75,100,125,150,200,250,300",
+                   help="ascending rates tried for the highest sustained rate (Hz)")
+    b.add_argument("--frames", type=_positive_int, default=300, help="frames per run")
+    b.add_argument("--no-model", action="store_true")
+    b.add_argument("--out", default="runs/latency", help="output path stem (.json and .md are written)")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="versions, model runtime, Numba threading, CPU")
+    i.set_defaults(func=cmd_info)
+    s = sub.add_parser("ports", help="serial ports with USB ids")
+    s.set_defaults(func=cmd_ports)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""The real-time loop: frames in, peaks and anomaly flags, commands out.
+
+Three threads that never wait on each other:
+
+``acquisition``
+    Iterates the frame source and puts ``(frame, meta)`` into a bounded
+    :class:`DropOldestQueue`. It never blocks: when processing falls behind,
+    the oldest queued frame is dropped, counted and logged.
+``processing`` (the thread calling :meth:`Pipeline.run`)
+    Background statistics, peak finding, anomaly features and model, the
+    measurements a firing rule needs, the policy. Commands are handed to the
+    command thread with a non-blocking put; a full command queue fails the
+    command (reported), never the frame.
+``commands``
+    Sends each command over the bridge and waits for its definite outcome
+    (ack, nack or failure). A slow, silent or unplugged device only delays
+    this thread.
+
+Every frame, drop and command outcome is one JSON line in the results file.
+Times are ``time.perf_counter()`` seconds; latencies are reported in ms from
+the frame's ``t_source`` (frame in) to the command's first write on the port
+("on the wire") and to its ack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .background import radial_stats
+from .geometry import Geometry
+from .measure import find_dead_regions, measure_beam_offset
+from .policy import Command, MaskRegion, Observation, Policy
+from .spotfinding import find_peaks
+
+__all__ = ["DropOldestQueue", "Pipeline", "RunSummary", "percentiles"]
+
+_STOP = object()
+
+
+class DropOldestQueue:
+    """Bounded FIFO whose ``put`` never blocks: when full, the oldest item goes.
+
+    Parameters
+    ----------
+    maxsize : int
+        Capacity (>= 1).
+    on_drop : callable, optional
+        Called with each dropped item (outside the lock).
+    """
+
+    def __init__(self, maxsize: int, on_drop: Callable[[Any], None] | None = None) -> None:
+        if maxsize < 1:
+            raise ValueError(f"queue size must be >= 1, got {maxsize}")
+        self._items: deque = deque()
+        self._maxsize = maxsize
+        self._cv = threading.Condition()
+        self._closed = False
+        self._on_drop = on_drop
+        self.dropped = 0
+        self.high_water = 0
+
+    def put(self, item: Any, *, block: bool = False) -> bool:
+        """Append ``item``; returns True if an older item had to be dropped.
+
+        With ``block`` (replay as fast as processing goes), wait for room
+        instead of dropping.
+        """
+        dropped = None
+        with self._cv:
+            if block:
+                self._cv.wait_for(lambda: len(self._items) < self._maxsize or self._closed)
+            if len(self._items) >= self._maxsize:
+                dropped = self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
+            self.high_water = max(self.high_water, len(self._items))
+            self._cv.notify()
+        if dropped is not None and self._on_drop is not None:
+            self._on_drop(dropped)
+        return dropped is not None
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Oldest item; ``_STOP`` once closed and drained; None on timeout."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._items or self._closed, timeout):
+                return None
+            if self._items:
+                item = self._items.popleft()
+                self._cv.notify_all()  # room for a blocked put
+                return item
+            return _STOP
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._items)
+
+
+def percentiles(values, qs=(50, 95, 99)) -> dict[str, float | None]:
+    """``{"p50": ..., "p95": ..., "p99": ..., "max": ..., "n": ...}`` of a sequence (None if empty)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    out: dict[str, float | None] = {f"p{q}": (float(np.percentile(v, q)) if v.size else None) for q in qs}
+    out["max"] = float(v.max()) if v.size else None
+    out["n"] = int(v.size)
+    return out
+
+
+@dataclass
+class RunSummary:
+    """Totals and latency percentiles of a run (all times in ms)."""
+
+    frames_in: int = 0
+    frames_processed: int = 0
+    frames_dropped: int = 0
+    commands_dropped: int = 0
+    duration_s: float = 0.0
+    fps: float = 0.0
+    stage_ms: dict = field(default_factory=dict)
+    latency_ms: dict = field(default_factory=dict)
+    wire_ms: dict = field(default_factory=dict)
+    ack_ms: dict = field(default_factory=dict)
+    commands: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)
+    errors: int = 0
+    results_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def table(self) -> str:
+        """Human-readable summary (Markdown)."""
+        def f(x):
+            return "-" if x is None else f"{x:.2f}"
+
+        lines = [
+            f"frames in {self.frames_in}, processed {self.frames_processed}, dropped {self.frames_dropped}, "
+            f"{self.fps:.1f} frames/s over {self.duration_s:.1f} s, processing errors {self.errors}",
+            "",
+            "| stage (ms) | p50 | p95 | p99 | max |",
+            "|---|---|---|---|---|",
+        ]
+        rows = dict(self.stage_ms)
+        rows["frame in -> processed"] = self.latency_ms
+        rows["frame in -> command on wire"] = self.wire_ms
+        rows["frame in -> ack"] = self.ack_ms
+        for name, p in rows.items():
+            if p:
+                lines.append(f"| {name} | {f(p.get('p50'))} | {f(p.get('p95'))} | {f(p.get('p99'))} | {f(p.get('max'))} |")
+        lines += ["", "| command | outcome | count |", "|---|---|---|"]
+        for key, n in sorted(self.commands.items()):
+            name, _, outcome = key.partition(":")
+            lines.append(f"| {name} | {outcome} | {n} |")
+        if self.commands_dropped:
+            lines.append(f"| (any) | dropped: command queue full | {self.commands_dropped} |")
+        if self.flags:
+            lines += ["", "flags raised (frames): " + ", ".join(f"{k} {v}" for k, v in sorted(self.flags.items()))]
+        if self.peaks:
+            lines.append(f"peaks per frame: median {self.peaks.get('median')}, max {self.peaks.get('max')}")
+        if self.results_path:
+            lines.append(f"results: {self.results_path}")
+        return "\n".join(lines)
+
+
+class _JsonLines:
+    """Thread-safe JSON Lines writer (or a no-op without a path)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._fh = None
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self._fh is None:
+            return
+        line = json.dumps(record, default=_json_default, separators=(",", ":"))
+        with self._lock:
+            self._fh.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, tuple, set, frozenset)):
+        return list(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+@dataclass
+class _Pending:
+    command: Command
+    frame: int
+    t_in: float
+
+
+class Pipeline:
+    """Frame source -> peaks -> anomaly model -> policy -> bridge.
+
+    Parameters
+    ----------
+    source : FrameSource
+        Yields ``(frame, meta)``; see :mod:`edge.sources`.
+    model : AnomalyModel, optional
+        The int8 anomaly classifier; None runs without flags.
+    policy : Policy, optional
+        Correction rules; None sends nothing.
+    bridge : firmware_bridge.Bridge, optional
+        Where commands go; None (or a dry-run policy) logs them only.
+    results : path, optional
+        JSON Lines file with one record per frame, drop and command.
+    queue_size : int
+        Frames buffered between acquisition and processing.
+    command_queue_size : int
+        Commands buffered for the bridge.
+    peak_params : dict, optional
+        Extra keyword arguments for :func:`edge.find_peaks`.
+    on_frame : callable, optional
+        Called with each frame record (dict) from the processing thread;
+        keep it cheap (the CLI's status line).
+    block_source : bool, optional
+        Make acquisition wait for room instead of dropping. Default: wait
+        for unpaced sources (file replay as fast as possible), drop for
+        paced ones (a live detector cannot wait).
+    """
+
+    def __init__(self, source, *, model=None, policy: Policy | None = None, bridge=None,
+                 results: str | os.PathLike | None = None, queue_size: int = 4,
+                 command_queue_size: int = 32, peak_params: dict | None = None,
+                 on_frame: Callable[[dict], None] | None = None, block_source: bool | None = None) -> None:
+        self.source = source
+        self.block_source = (getattr(source, "rate_hz", None) is None) if block_source is None else block_source
+        self.model = model
+        self.policy = policy
+        self.bridge = bridge
+        self.peak_params = dict(peak_params or {})
+        self.on_frame = on_frame
+        self._log = _JsonLines(results)
+        self._frames = DropOldestQueue(queue_size, on_drop=self._frame_dropped)
+        self._commands: queue.Queue = queue.Queue(maxsize=command_queue_size)
+        self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # acks back to the policy
+        self._stop = threading.Event()
+        self._masks: list[tuple[int, int, int, int]] = []
+        self._geom_cache: dict[int, Geometry] = {}
+        self._lock = threading.Lock()
+        # results
+        self.frames_in = 0
+        self.records: deque = deque(maxlen=100_000)
+        self.command_records: list[dict] = []
+        self.commands_dropped = 0
+        self.errors = 0
+        self._acq_error: BaseException | None = None
+
+    # ------------------------------------------------------------ threads
+    def _frame_dropped(self, item) -> None:
+        _, meta = item
+        self._log.write({"type": "drop", "frame": meta.index, "t_source": meta.t_source,
+                         "reason": "processing behind: oldest queued frame dropped"})
+
+    def _acquire(self) -> None:
+        # A paced source is a live detector: never wait, drop the oldest. An
+        # unpaced replay goes as fast as processing does (nothing to drop).
+        block = self.block_source
+        try:
+            for frame, meta in self.source:
+                if self._stop.is_set():
+                    break
+                self.frames_in += 1
+                self._frames.put((frame, meta), block=block)
+        except BaseException as exc:  # reported by run(), never swallowed
+            self._acq_error = exc
+        finally:
+            self._frames.close()
+
+    def _send_commands(self) -> None:
+        while True:
+            item = self._commands.get()
+            if item is _STOP:
+                return
+            self._send_one(item)
+
+    def _send_one(self, p: _Pending) -> None:
+        cmd = p.command
+        rec = {"type": "command", "frame": p.frame, "name": cmd.name, "args": cmd.args, "rule": cmd.rule,
+               "reason": cmd.reason}
+        t_dispatch = time.perf_counter()
+        rec["dispatch_ms"] = (t_dispatch - p.t_in) * 1e3
+        if cmd.dry_run or self.bridge is None:
+            rec["status"] = "dry_run" if cmd.dry_run else "no_device"
+        else:
+            try:
+                ack = self.bridge.send(cmd.name, **cmd.args)
+            except Exception as exc:  # every failure is recorded and reported
+                rec["status"] = _failure_kind(exc)
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+                state = getattr(exc, "state", None)
+                if state is not None:
+                    self._outcomes.put(state)
+            else:
+                now_p, now_m = time.perf_counter(), time.monotonic()
+                rec["status"] = ack.status
+                rec["seq"] = ack.seq
+                rec["attempts"] = ack.attempts
+                if ack.sent_at:
+                    rec["wire_ms"] = (now_p - (now_m - ack.sent_at) - p.t_in) * 1e3
+                rec["ack_ms"] = (now_p - p.t_in) * 1e3
+                if ack.state is not None:
+                    rec["state"] = ack.state.to_dict() if hasattr(ack.state, "to_dict") else ack.state
+                    self._outcomes.put(ack.state)
+        with self._lock:
+            self.command_records.append(rec)
+        self._log.write(rec)
+
+    # ------------------------------------------------------------ processing
+    def _geometry(self, base: Geometry) -> Geometry:
+        """The source geometry with the regions masked so far (cached)."""
+        if not self._masks:
+            return base
+        key = id(base)
+        g = self._geom_cache.get(key)
+        if g is None or g._cache.get("n_masks") != len(self._masks):
+            mask = base.valid.copy()
+            for r0, r1, c0, c1 in self._masks:
+                mask[r0:r1, c0:c1] = False
+            g = Geometry(base.shape, base.pixel_size_mm, base.distance_mm, base.wavelength_A,
+                         base.beam_center, mask=mask, saturation=base.saturation)
+            g._cache["n_masks"] = len(self._masks)
+            self._geom_cache[key] = g
+        return g
+
+    def process(self, frame: np.ndarray, meta) -> dict:
+        """Process one frame; returns its record (also logged and queued commands)."""
+        t_start = time.perf_counter()
+        geom = self._geometry(meta.geometry)
+        stats = radial_stats(frame, geometry=geom)
+        t_bg = time.perf_counter()
+        peaks = find_peaks(frame, geometry=geom, stats=stats, **self.peak_params)
+        t_pk = time.perf_counter()
+        probs: dict[str, float] = {}
+        flags: tuple[str, ...] = ()
+        t_ft = t_inf = t_pk
+        if self.model is not None:
+            from .features import frame_features
+
+            feats = frame_features(frame, geom, stats=stats, peaks=peaks)
+            t_ft = time.perf_counter()
+            res = self.model.predict(feats)
+            t_inf = time.perf_counter()
+            probs, flags = res.probabilities, tuple(res.flags)
+        # measurements only when a rule may need them (they cost milliseconds)
+        offset = measure_beam_offset(frame, geom) if "beam_off_center" in flags else None
+        fault = None
+        if "detector_fault" in flags:
+            regions = find_dead_regions(frame, geom, stats=stats)
+            fault = regions[0] if regions else None
+        t_meas = time.perf_counter()
+        actions = []
+        if self.policy is not None:
+            while True:
+                try:
+                    self.policy.on_ack(self._outcomes.get_nowait())
+                except queue.Empty:
+                    break
+            obs = Observation(index=meta.index, t=meta.t_source, flags=frozenset(flags), probabilities=probs,
+                              n_peaks=len(peaks),
+                              median_snr=float(np.median(peaks.snr)) if len(peaks) else None,
+                              n_saturated_peaks=int(peaks.saturated.sum()),
+                              beam_offset_px=offset, fault_region=fault)
+            actions = self.policy.step(obs)
+        t_pol = time.perf_counter()
+        act_recs = []
+        for a in actions:
+            if isinstance(a, MaskRegion):
+                self._masks.append(tuple(int(v) for v in a.region))
+                act_recs.append({"action": "mask", "region": a.region, "rule": a.rule})
+            elif isinstance(a, Command):
+                act_recs.append({"action": "command", "name": a.name, "args": a.args, "rule": a.rule,
+                                 "dry_run": a.dry_run})
+                try:
+                    self._commands.put_nowait(_Pending(a, meta.index, meta.t_source))
+                except queue.Full:
+                    self.commands_dropped += 1
+                    rec = {"type": "command", "frame": meta.index, "name": a.name, "args": a.args,
+                           "rule": a.rule, "status": "dropped", "error": "command queue full (device too slow)"}
+                    with self._lock:
+                        self.command_records.append(rec)
+                    self._log.write(rec)
+        t_end = time.perf_counter()
+        ms = 1e3
+        record = {
+            "type": "frame", "frame": meta.index, "t_source": meta.t_source,
+            "queue_ms": (t_start - meta.t_source) * ms,
+            "stages_ms": {"background": (t_bg - t_start) * ms, "peaks": (t_pk - t_bg) * ms,
+                          "features": (t_ft - t_pk) * ms, "inference": (t_inf - t_ft) * ms,
+                          "measure": (t_meas - t_inf) * ms, "policy": (t_pol - t_meas) * ms,
+                          "total": (t_end - t_start) * ms},
+            "latency_ms": (t_end - meta.t_source) * ms,
+            "n_peaks": len(peaks),
+            "median_snr": float(np.median(peaks.snr)) if len(peaks) else None,
+            "n_saturated_peaks": int(peaks.saturated.sum()),
+            "flags": list(flags),
+            "probabilities": {k: round(float(v), 4) for k, v in probs.items()},
+            "actions": act_recs,
+        }
+        if offset is not None:
+            record["beam_offset_px"] = offset
+        if meta.truth:
+            record["truth"] = sorted(meta.truth)
+        if "phase" in meta.info:
+            record["phase"] = meta.info["phase"]
+        return record
+
+    # ------------------------------------------------------------ run
+    def run(self, *, max_frames: int | None = None, duration: float | None = None) -> RunSummary:
+        """Run until the source ends, ``max_frames`` are processed or ``duration`` (s) passes.
+
+        Raises
+        ------
+        Exception
+            Whatever the source raised (e.g. :class:`edge.sources.SourceError`
+            for a truncated file), after the frames before it were processed.
+        """
+        # other Python threads (acquisition, serial link) hand the GIL back
+        # within 1 ms instead of the default 5 ms
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, 0.001))
+        acq = threading.Thread(target=self._acquire, name="edge-acquisition", daemon=True)
+        cmd = threading.Thread(target=self._send_commands, name="edge-commands", daemon=True)
+        cmd.start()
+        t0 = time.perf_counter()
+        acq.start()
+        processed = 0
+        try:
+            while not self._stop.is_set():
+                if duration is not None and time.perf_counter() - t0 >= duration:
+                    break
+                item = self._frames.get(timeout=0.2)
+                if item is None:
+                    continue
+                if item is _STOP:
+                    break
+                frame, meta = item
+                try:
+                    rec = self.process(frame, meta)
+                except Exception as exc:  # a bad frame is reported, the stream goes on
+                    self.errors += 1
+                    rec = {"type": "error", "frame": meta.index, "error": f"{type(exc).__name__}: {exc}"}
+                    self._log.write(rec)
+                    continue
+                processed += 1
+                self.records.append(rec)
+                self._log.write(rec)
+                if self.on_frame is not None:
+                    self.on_frame(rec)
+                if max_frames is not None and processed >= max_frames:
+                    break
+        finally:
+            self._stop.set()
+            acq.join(timeout=5.0)
+            self._commands.put(_STOP)
+            cmd.join(timeout=30.0)
+            elapsed = time.perf_counter() - t0
+            self._log.close()
+            sys.setswitchinterval(switch)
+        if self._acq_error is not None:
+            raise self._acq_error
+        return self.summary(elapsed)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (thread-safe)."""
+        self._stop.set()
+
+    def summary(self, elapsed: float) -> RunSummary:
+        recs = list(self.records)
+        stages = {}
+        for name in ("background", "peaks", "features", "inference", "measure", "policy", "total"):
+            stages[name] = percentiles([r["stages_ms"][name] for r in recs])
+        with self._lock:
+            cmds = list(self.command_records)
+        outcomes = Counter(f"{c['name']}:{c['status']}" for c in cmds if c.get("status") != "dropped")
+        flags = Counter(f for r in recs for f in r["flags"])
+        npk = [r["n_peaks"] for r in recs]
+        return RunSummary(
+            frames_in=self.frames_in, frames_processed=len(recs), frames_dropped=self._frames.dropped,
+            commands_dropped=self.commands_dropped, duration_s=elapsed,
+            fps=len(recs) / elapsed if elapsed > 0 else 0.0, stage_ms=stages,
+            latency_ms=percentiles([r["latency_ms"] for r in recs]),
+            wire_ms=percentiles([c.get("wire_ms") for c in cmds]),
+            ack_ms=percentiles([c.get("ack_ms") for c in cmds]),
+            commands=dict(outcomes), flags=dict(flags),
+            peaks={"median": float(np.median(npk)) if npk else None, "max": max(npk) if npk else None},
+            errors=self.errors, results_path=None if self._log.path is None else str(self._log.path))
+
+
+def _failure_kind(exc: Exception) -> str:
+    name = type(exc).__name__
+    if name in ("ValidationError", "UnknownCommand", "RateLimited"):
+        return "refused"
+    if name in ("CommandRejected", "SafeStateActive"):
+        return "rejected"
+    return "failed"
