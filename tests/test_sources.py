@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import bz2
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge import Geometry
-from edge.scenario import LABELS, Phase, Scenario, ScenarioError, default_scenario
+from edge.scenario import LABELS, Scenario, ScenarioError, default_scenario
 from edge.sources import (CbfSource, EigerSource, FrameMeta, SimulatorSource, SourceError, open_source,
                           write_eiger_master)
 
@@ -174,7 +173,7 @@ def test_pacing_schedule():
     mean = (stamps[-1] - stamps[0]) / 40
     # loose band: the schedule paces (not a free run, which would be ~microseconds) without
     # asserting scheduler precision
-    assert 0.5 / 200 < mean < 5.0 / 200
+    assert 0.5 / 200 < mean < 10.0 / 200
     assert all(b >= a for a, b in zip(stamps, stamps[1:]))
 
 
@@ -293,7 +292,8 @@ def test_eiger_bitshuffle_lz4_roundtrip(tmp_path):
     import hdf5plugin  # noqa: F401
 
     with h5py.File(tmp_path / "scan_data_000001.h5") as f:  # really compressed with bitshuffle (filter 32008)
-        assert "32008" in f["/entry/data/data"]._filters
+        plist = f["/entry/data/data"].id.get_create_plist()
+        assert 32008 in [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "scan_data_000001.h5", "scan_data_000002.h5", "scan_data_000003.h5", "scan_master.h5"]
     with open_source(str(master), rate_hz="file") as src:
