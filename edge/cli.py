@@ -138,8 +138,12 @@ def cmd_run(args) -> int:
             emu = start_pty_emulator(applied_log=args.applied_log)
             stack.callback(emu.stop)
             bridge = stack.enter_context(fb.connect(emu.port, limits=args.limits))
-            print(f"edge run: built-in instrument emulator on pty {emu.port} "
-                  f"(use --port for a real device)", file=sys.stderr)
+            # the emulated instrument boots fully attenuated with the shutter
+            # closed; set it up as an operator would before collecting data
+            bridge.send("set_attenuation", level=args.emulator_attenuation)
+            bridge.send("open_shutter")
+            print(f"edge run: built-in instrument emulator on pty {emu.port} (attenuation "
+                  f"{args.emulator_attenuation}, shutter open; use --port for a real device)", file=sys.stderr)
         if bridge is not None:
             state = bridge.state()
             if state is not None:
@@ -259,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--queue-size", type=_positive_int, default=4, help="frames buffered before dropping the oldest")
     r.add_argument("--results", default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
     r.add_argument("--applied-log", default=None, help="built-in emulator: JSON Lines log of applied commands")
+    r.add_argument("--emulator-attenuation", type=int, default=4,
+                   help="built-in emulator: attenuator level set before the run (default 4)")
     r.add_argument("--quiet", action="store_true", help="no live status line")
     r.set_defaults(func=cmd_run)
 
