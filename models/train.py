@@ -47,7 +47,7 @@ SPLITS = {
 }
 #: Seeds from here on are free for tests ("fresh" frames).
 FRESH_SEEDS_FROM = 900_000
-RECIPE_VERSION = 1  # bump when edge.anomaly_data or edge.features change
+RECIPE_VERSION = 2  # bump when edge.anomaly_data or edge.features change
 CLIP = 6.0  # standardised features are clipped to +-CLIP before the network
 HIDDEN = (64, 64)
 EPOCHS = 120
