@@ -53,6 +53,11 @@ HIDDEN = (64, 64)
 EPOCHS = 120
 BATCH = 128
 SEED = 1234
+#: Features the network does not see: their std is set to DISABLED_STD so the
+#: standardised value is 0. Row z-scores are off because PILATUS module rows
+#: (real frames) reach values never simulated.
+DISABLED = ("row_z_max", "row_z_min")
+DISABLED_STD = 1.0e30
 
 
 def _chunk(args):
@@ -266,6 +271,8 @@ def main(argv=None) -> int:
     mean = xtr.mean(axis=0)
     std = xtr.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0)
+    for name in DISABLED:
+        std[FEATURE_NAMES.index(name)] = DISABLED_STD
     mean, std = mean.astype(np.float32), std.astype(np.float32)
     xs = {k: _standardise(v[0], mean, std) for k, v in data.items()}
 
@@ -306,6 +313,7 @@ def main(argv=None) -> int:
             "mean": [float(v) for v in mean],
             "std": [float(v) for v in std],
             "clip": CLIP,
+            "disabled_features": list(DISABLED),
             "tflite_input": "int8, q = round(x / scale) + zero_point (scale/zero point from the tensor)",
             "onnx_input": "float32 x, name 'features', shape (batch, n_features)",
         },
