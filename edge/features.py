@@ -68,6 +68,8 @@ ICE_LINES_A = np.asarray(ICE_D_SPACINGS[:6], dtype=np.float64)
 Z_CLIP = 5.0
 #: A pixel is "bright" above mean + BRIGHT_SIGMA * sigma of its ring.
 BRIGHT_SIGMA = 5.0
+#: Saturated peaks count only with at least this many pixels.
+MIN_SAT_PEAK_PIX = 4
 #: Offset (counts/pixel) in log ratios: keeps dark frames at 0 instead of noise.
 LOG_EPS = 0.1
 
@@ -324,7 +326,8 @@ def _ring_contrast(profile, line_radius, half_width, flank_in, flank_out):
     buf = np.empty(4 * flank_out + 4, dtype=np.float64)
     for k in range(m):
         r = line_radius[k]
-        if not (r == r) or r - flank_out < 1.0 or r + flank_out >= n - 1:
+        reach = max(flank_out, half_width)
+        if not (r == r) or r - reach < 1.0 or r + reach >= n - 1:
             continue
         rc = int(r + 0.5)
         peak = -1.0e300
@@ -514,11 +517,13 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     npk = len(peaks) if peaks is not None else 0
     if npk:
         strong = int(np.count_nonzero(np.asarray(peaks.snr) >= 10.0))
-        nsat = int(np.count_nonzero(np.asarray(peaks.saturated)))
+        # an overloaded spot saturates a core of several pixels; one or two
+        # saturated pixels in a "peak" are a defective pixel and its neighbour
+        nsat = int(np.count_nonzero(np.asarray(peaks.saturated) & (np.asarray(peaks.npix) >= MIN_SAT_PEAK_PIX)))
     else:
         strong = nsat = 0
     out[k : k + 4] = [np.log10(1.0 + npk / mpix), np.log10(1.0 + strong / mpix), np.log10(1.0 + nsat),
-                      nsat / max(npk, 1)]
+                      nsat / (npk + 10.0)]
     k += 4
     # ice rings from the clipped ring means
     nl = len(ICE_LINES_A)

@@ -55,8 +55,8 @@ def test_shipped_model_matches_card():
 
 
 def test_fresh_seeds_are_disjoint_from_training():
-    for name, (lo, hi) in CARD["data"]["splits"].items():
-        assert not _ranges_overlap(FRESH, (lo, hi)), name
+    for name, split in CARD["data"]["splits"].items():
+        assert not _ranges_overlap(FRESH, split["seeds"]), name
 
 
 def test_loads_with_litert_int8_io(model):
@@ -93,7 +93,7 @@ def test_int8_matches_float_onnx(model, fresh):
     p_int8 = model.predict_proba(x)
     agree = np.mean((p_float >= model.thresholds) == (p_int8 >= model.thresholds))
     assert agree >= 0.99, agree
-    assert np.abs(p_float - p_int8).max() < 0.25
+    assert np.percentile(np.abs(p_float - p_int8), 99) < 0.1
 
 
 def test_per_class_precision_recall_on_fresh_frames(model, fresh):

@@ -61,7 +61,7 @@ def ref_ring_contrast(profile, radii, hw, fi, fo):
     n = len(profile)
     out = []
     for r in radii:
-        if not np.isfinite(r) or r - fo < 1 or r + fo >= n - 1:
+        if not np.isfinite(r) or r - max(fo, hw) < 1 or r + max(fo, hw) >= n - 1:
             out.append((0.0, 0.0, False))
             continue
         rc = int(r + 0.5)
