@@ -260,20 +260,20 @@ def default_scenario() -> Scenario:
     ======  =========  ====================  ======================================
     200     260        saturation            ``overload=1000`` (~40 peaks clip)
     460     520        ice_rings             ``ice_rings=True``
-    720     780        beam_off_center       ``beam_offset=(24, -16)`` px
+    720     780        beam_off_center       ``beam_offset=(40, -30)`` px
     980     1040       no_beam               ``flux=0``
     1240    1300       detector_fault        ``dead_modules=1``
-    1500    1580       weak_diffraction      ``mean_intensity=20`` (~15 % of peaks)
+    1500    1580       weak_diffraction      ``mean_intensity=30`` (~30 % of peaks)
     1780    1840       blank                 ``crystal=False``
     ======  =========  ====================  ======================================
     """
     spec = [
         ("saturation", 200, 260, {"saturation"}, {"overload": 1000.0}),
         ("ice_rings", 460, 520, {"ice_rings"}, {"ice_rings": True}),
-        ("beam_off_center", 720, 780, {"beam_off_center"}, {"beam_offset": (24.0, -16.0)}),
+        ("beam_off_center", 720, 780, {"beam_off_center"}, {"beam_offset": (40.0, -30.0)}),
         ("no_beam", 980, 1040, {"no_beam"}, {"flux": 0.0}),
         ("detector_fault", 1240, 1300, {"detector_fault"}, {"dead_modules": 1}),
-        ("weak_diffraction", 1500, 1580, {"weak_diffraction"}, {"mean_intensity": 20.0}),
+        ("weak_diffraction", 1500, 1580, {"weak_diffraction"}, {"mean_intensity": 30.0}),
         ("blank", 1780, 1840, {"blank"}, {"crystal": False}),
     ]
     return Scenario(tuple(Phase(n, s, e, frozenset(lab), sim) for n, s, e, lab, sim in spec),

@@ -55,9 +55,9 @@ def test_default_scenario_timeline():
     assert gaps[0] == (0, 200) and all(e - s >= 50 for s, e in gaps)
     assert sc.labels_at(199) == frozenset() and sc.labels_at(200) == {"saturation"}
     assert sc.labels_at(259) == {"saturation"} and sc.labels_at(260) == frozenset()
-    assert sc.overrides_at(730) == {"beam_offset": (24.0, -16.0)}
+    assert sc.overrides_at(730) == {"beam_offset": (40.0, -30.0)}
     assert sc.overrides_at(1000) == {"flux": 0.0}
-    assert sc.overrides_at(1520) == {"mean_intensity": 20.0}
+    assert sc.overrides_at(1520) == {"mean_intensity": 30.0}
     assert set().union(*(p.labels for p in sc.phases)) <= LABELS
 
 
