@@ -25,7 +25,22 @@ from .spotfinding import Peaks, find_peaks
 __version__ = "0.1.0"
 
 __all__ = ["Geometry", "DetectorLayout", "LAYOUTS", "Peaks", "find_peaks", "subtract_background",
-           "estimate_background", "radial_stats", "local_stats", "warmup", "__version__"]
+           "estimate_background", "radial_stats", "local_stats", "warmup", "__version__",
+           "AnomalyModel", "AnomalyResult", "frame_features", "open_source", "Policy", "Pipeline"]
+
+# Heavier parts load on first use, so `import edge` stays light (no TFLite).
+_LAZY = {
+    "AnomalyModel": "anomaly", "AnomalyResult": "anomaly", "frame_features": "features",
+    "open_source": "sources", "Policy": "policy", "Pipeline": "pipeline",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'edge' has no attribute {name!r}")
 
 
 def warmup(dtypes=("uint16", "int32", "uint32", "float32"), *, features: bool = True) -> None:
