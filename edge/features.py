@@ -19,7 +19,17 @@ geometry-normalised vector of :data:`N_FEATURES` float32 values:
 * frame scalars: count level, zero fraction, saturated pixels (all, and those
   with a bright neighbour, which excludes isolated defective pixels), peak
   density per megapixel, saturated peaks;
-* ice-ring contrast of the ring-mean profile at the ice Ih d-spacings.
+* ice-ring contrast of the ring-mean profile at the ice Ih d-spacings;
+* a shift-tolerant ice search: 1-px profiles in 16 azimuthal sectors (every
+  8th row, only the ring band around the strongest lines) scanned for the
+  ice lines at a common radial shift of up to :data:`ICE_SHIFT_PX`, so rings
+  around a beam that is off the believed centre are still seen (best,
+  second-best and median sector score);
+* dead area (fraction of the valid area in tiles reading mostly zero), the
+  largest excess of exact zeros in a column / sampled row (dead readout
+  lines), the largest peak's pixel count and the number of very large peaks
+  (hot clusters, a leaking beam), and the longest run of bright pixels in a
+  sampled row (hot clusters too large for the peak finder).
 
 The per-pixel work is one pass (:func:`_accumulate`) over every
 ``row_step``-th row plus full resolution within :data:`INNER_FULL_PX` of the
@@ -70,6 +80,29 @@ Z_CLIP = 5.0
 BRIGHT_SIGMA = 5.0
 #: Saturated peaks count only with at least this many pixels.
 MIN_SAT_PEAK_PIX = 4
+#: Shift-tolerant ice search: the strongest ICE_SECTOR_LINES lines are looked
+#: for in per-sector 1-px profiles, at a common radial shift of up to
+#: ICE_SHIFT_PX (a beam off the believed centre moves a ring by about
+#: offset * cos(angle) in each sector), so rings stay visible when the centre
+#: is wrong.
+ICE_SECTOR_LINES = 3
+ICE_SHIFT_PX = 160
+#: Row step of the sector profiles (every 8th row keeps them cheap).
+ICE_ROW_STEP = 8
+#: Azimuthal sectors of the shift-tolerant ice search (22.5 degrees each: a
+#: ring whose centre is off by d px is smeared by only ~0.02 d in the sector
+#: along the offset).
+N_ICE_SECTORS = 16
+#: Counts in the sector profiles are clipped to ring mean + this * sigma (spots).
+ICE_Z_CLIP = 3.0
+#: Peaks with at least this many pixels count as "large" (hot clusters, a
+#: leaking beam; Bragg spots, even overloaded ones, stay well below).
+LARGE_PEAK_NPIX = 200
+#: A run of at least this many adjacent bright pixels in a row is "long"
+#: (Bragg spots are narrower; hot clusters are 8-30 px wide).
+LONG_RUN_PX = 10
+#: A tile counts as dead area when its zero-pixel excess exceeds this.
+DEAD_TILE_EXCESS = 0.5
 #: Offset (counts/pixel) in log ratios: keeps dark frames at 0 instead of noise.
 LOG_EPS = 0.1
 
@@ -89,6 +122,9 @@ def _names() -> tuple[str, ...]:
           "log_peak_density", "log_strong_peak_density", "log_saturated_peaks", "saturated_peak_fraction"]
     n += [f"ice_contrast_{d:.3f}A" for d in ICE_LINES_A]
     n += ["ice_significance_max", "ice_lines_visible"]
+    n += ["ice_sector_sig_max", "ice_sector_sig_2nd", "ice_sector_sig_median", "dead_area_fraction"]
+    n += ["col_zero_excess_max", "row_zero_excess_max", "log_peak_npix_max", "log_large_peaks"]
+    n += ["log2_bright_run_max", "log_rows_long_bright_run"]
     return tuple(n)
 
 
@@ -146,8 +182,9 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
     -------
     grid : float64 (3, rings * 8)   -- n, sum of clipped values, sum of expected
     tiles : float64 (8, tiles**2)   -- see the _T_* indices (sampled rows)
-    cols : float64 (2, columns)     -- n, sum of clipped z (sampled rows)
-    rows : float64 (2, rows)        -- n, sum of clipped z (sampled rows only)
+    cols : float64 (3, columns)     -- n, sum of clipped z, zero pixels - expected (sampled rows)
+    rows : float64 (4, rows)        -- n, sum of clipped z, zero pixels - expected, longest run of
+                                       bright pixels in adjacent columns (sampled rows only)
 
     Notes
     -----
@@ -160,8 +197,8 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
     grid_cells = n_rings * 8
     grid_c = np.zeros((nchunks, 3, grid_cells), dtype=np.float64)
     tiles_c = np.zeros((nchunks, 8, n_tiles * n_tiles), dtype=np.float64)
-    cols_c = np.zeros((nchunks, 2, nx), dtype=np.float64)
-    rows = np.zeros((2, ny), dtype=np.float64)
+    cols_c = np.zeros((nchunks, 3, nx), dtype=np.float64)
+    rows = np.zeros((4, ny), dtype=np.float64)
     sat_c = sat / 4.0
     jin0 = max(0, int(math.floor(bx - inner)))
     jin1 = min(nx, int(math.ceil(bx + inner)) + 1)
@@ -209,6 +246,10 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
             trow = (i * n_tiles // ny) * n_tiles
             rn = 0.0
             rz = 0.0
+            rzero = 0.0
+            run = 0.0
+            run_max = 0.0
+            last_b = -2
             cur = -1
             gn = 0.0
             gv = 0.0
@@ -252,6 +293,7 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                     rz += z
                     cl[0, j] += 1.0
                     cl[1, j] += z
+                    cl[2, j] += (1.0 if v == 0.0 else 0.0) - e_ring[b]
                     s_n += 1.0
                     s_v += vc
                     s_mu += mu
@@ -260,6 +302,11 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                         s_zero += 1.0
                     if vc >= mu + 5.0 * sd:
                         s_bright += 1.0
+                        # run of bright pixels in adjacent columns (masked pixels break it)
+                        run = run + 1.0 if j == last_b + 1 else 1.0
+                        last_b = j
+                        if run > run_max:
+                            run_max = run
                     if sat > 0.0 and v >= sat:
                         s_sat += 1.0
                         # a saturated pixel with a bright 4-neighbour is part of an
@@ -277,6 +324,7 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                             s_satc += 1.0
                 k = trow + tc
                 rn += s_n
+                rzero += s_zero - s_e
                 t[0, k] += s_n
                 t[1, k] += s_v
                 t[2, k] += s_mu
@@ -291,9 +339,11 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                 g[2, cur] += gm
             rows[0, i] = rn
             rows[1, i] = rz
+            rows[2, i] = rzero
+            rows[3, i] = run_max
     grid = np.zeros((3, grid_cells), dtype=np.float64)
     tiles = np.zeros((8, n_tiles * n_tiles), dtype=np.float64)
-    cols = np.zeros((2, nx), dtype=np.float64)
+    cols = np.zeros((3, nx), dtype=np.float64)
     for c in range(nchunks):
         grid += grid_c[c]
         tiles += tiles_c[c]
@@ -351,6 +401,149 @@ def _ring_contrast(profile, line_radius, half_width, flank_in, flank_out):
     return contrast, signif, visible
 
 
+_T225 = math.tan(math.pi / 8.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sector16(dx, dy):
+    """Sector 0..15 (22.5 degrees each) of the direction (dx, dy), counter-clockwise from +x."""
+    ax = abs(dx)
+    ay = abs(dy)
+    if ay <= _T225 * ax:
+        q = 0
+    elif ay < ax:
+        q = 1
+    elif ax < _T225 * ay:
+        q = 3
+    else:
+        q = 2
+    if dy >= 0.0:
+        return q if dx >= 0.0 else 7 - q
+    return 8 + q if dx < 0.0 else 15 - q
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, lo_valid, hi_valid,
+                     row_step, nchunks):
+    """Per-sector (:data:`N_ICE_SECTORS`) 1-px ring profiles of clipped z-scores over rings ``b_lo..b_hi-1``.
+
+    Only sampled rows (``i % row_step == 0``) and only the columns whose
+    radius can fall in the ring band are read.
+
+    Returns
+    -------
+    acc : float64 (2, N_ICE_SECTORS * (b_hi - b_lo))  -- n, sum of counts clipped to mean + ICE_Z_CLIP sigma
+    """
+    ny, nx = frame.shape
+    nbins = mu_ring.shape[0]
+    nb = b_hi - b_lo
+    acc_c = np.zeros((nchunks, 2, N_ICE_SECTORS * nb), dtype=np.float64)
+    r_lo = b_lo * width - 1.0
+    r_hi = b_hi * width + 1.0
+    zc = ICE_Z_CLIP
+    for c in prange(nchunks):
+        a = acc_c[c]
+        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            if (i % row_step) != 0:
+                continue
+            dy = i - by
+            if abs(dy) >= r_hi:
+                continue
+            xo = math.sqrt(r_hi * r_hi - dy * dy)
+            xi = math.sqrt(r_lo * r_lo - dy * dy) if abs(dy) < r_lo else 0.0
+            for side in range(2):
+                if side == 0:
+                    j0 = max(0, int(math.floor(bx - xo)))
+                    j1 = min(nx, int(math.ceil(bx - xi)) + 1)
+                else:
+                    j0 = max(0, int(math.floor(bx + xi)), int(math.ceil(bx - xi)) + 1)
+                    j1 = min(nx, int(math.ceil(bx + xo)) + 1)
+                cur = -1
+                sn = 0.0
+                sz = 0.0
+                for j in range(j0, j1):
+                    b = np.int64(index[i, j])
+                    if b < b_lo or b >= b_hi or b >= nbins:
+                        continue
+                    v = np.float64(frame[i, j])
+                    if not (v >= lo_valid and v <= hi_valid):
+                        continue
+                    z = min(v, mu_ring[b] + zc * sd_ring[b])
+                    key = _sector16(j - bx, dy) * nb + (b - b_lo)
+                    if key != cur:
+                        if cur >= 0:
+                            a[0, cur] += sn
+                            a[1, cur] += sz
+                        cur = key
+                        sn = 0.0
+                        sz = 0.0
+                    sn += 1.0
+                    sz += z
+                if cur >= 0:
+                    a[0, cur] += sn
+                    a[1, cur] += sz
+    acc = np.zeros((2, N_ICE_SECTORS * nb), dtype=np.float64)
+    for c in range(nchunks):
+        acc += acc_c[c]
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def _sector_ice_search(acc, nb, line_off, shift, flank_in, flank_out):
+    """Best ice-line significance per sector over a common radial shift.
+
+    ``acc`` from :func:`_sector_profiles`; ``line_off`` = line radii in bins
+    relative to ``b_lo``. For each sector the significance of a narrow ring at
+    bin ``r`` is (mean of bins r-1..r+1 - mean of the flanks
+    ``flank_in..flank_out`` bins away on both sides) / Poisson noise of that
+    3-bin mean at the flank level;
+    the sector's score is the best, over shifts ``-shift..shift``, of the
+    summed significance of the lines divided by sqrt(number of lines).
+
+    Returns
+    -------
+    score : float64 (N_ICE_SECTORS,)
+    """
+    ns = acc.shape[1] // nb
+    out = np.zeros(ns, dtype=np.float64)
+    nl = line_off.shape[0]
+    for s in range(ns):
+        n = acc[0, s * nb : (s + 1) * nb]
+        z = acc[1, s * nb : (s + 1) * nb]
+        cn = np.zeros(nb + 1)
+        cz = np.zeros(nb + 1)
+        for r in range(nb):
+            cn[r + 1] = cn[r] + n[r]
+            cz[r + 1] = cz[r] + z[r]
+        sig = np.zeros(nb)
+        for r in range(flank_out, nb - flank_out):
+            n3 = cn[r + 2] - cn[r - 1]
+            if n3 < 8.0:
+                continue
+            z3 = (cz[r + 2] - cz[r - 1]) / n3
+            nf = (cn[r - flank_in + 1] - cn[r - flank_out]) + (cn[r + flank_out + 1] - cn[r + flank_in])
+            if nf < 8.0:
+                continue
+            zf = ((cz[r - flank_in + 1] - cz[r - flank_out]) + (cz[r + flank_out + 1] - cz[r + flank_in])) / nf
+            # Poisson noise of the 3-bin mean at the flank level
+            sig[r] = (z3 - zf) * math.sqrt(n3 / max(zf, 0.25))
+        best = 0.0
+        for t in range(-shift, shift + 1):
+            tot = 0.0
+            cnt = 0
+            for k in range(nl):
+                r = int(line_off[k] + 0.5) + t
+                if r >= flank_out and r < nb - flank_out:
+                    tot += sig[r]
+                    cnt += 1
+            if cnt > 0:
+                v = tot / math.sqrt(cnt)
+                if v > best:
+                    best = v
+        out[s] = best
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Per-geometry tables (cached on the Geometry instance)
 # ---------------------------------------------------------------------------
@@ -363,7 +556,17 @@ def _tables(geometry: Geometry, stats: RadialStats):
         ny, nx = geometry.shape
         tile_col = np.array([(k * nx + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
         line_r = np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64) / stats.bins.width
-        tab = (rbin, tile_col, line_r)
+        # ring band of the shift-tolerant search (strongest lines +- shift + flanks)
+        lr = line_r[:ICE_SECTOR_LINES]
+        lr = lr[np.isfinite(lr)]
+        reach = (ICE_SHIFT_PX + 30.0) / stats.bins.width
+        if len(lr):
+            b_lo = int(max(lr.min() - reach, 0))
+            b_hi = int(min(lr.max() + reach + 1, stats.bins.nbins))
+        else:
+            b_lo = b_hi = 0
+        band = (b_lo, max(b_hi, b_lo), (lr - b_lo).astype(np.float64))
+        tab = (rbin, tile_col, line_r, band)
         geometry._cache[key] = tab
     return tab
 
@@ -451,7 +654,7 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
                               lo_valid: float = 0.0, hi_valid: float = 1.0e300,
                               row_step: int = 4) -> np.ndarray:
     """:func:`frame_features` for an already validated kernel-dtype frame (no checks)."""
-    rbin, tile_col, line_r = _tables(geometry, stats)
+    rbin, tile_col, line_r, (b_lo, b_hi, line_off) = _tables(geometry, stats)
     mu = np.nan_to_num(np.asarray(stats.mean, dtype=np.float64), nan=0.0)
     mu = np.maximum(mu, 0.0)
     sig = np.nan_to_num(np.asarray(stats.sigma, dtype=np.float64), nan=0.0)
@@ -532,6 +735,36 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     k += nl
     out[k] = np.log1p(max(signif.max(), 0.0)) if visible.any() else 0.0
     out[k + 1] = visible.mean()
+    k += 2
+    # shift-tolerant ice search in sector profiles (robust to a wrong centre)
+    if b_hi - b_lo > 60 and len(line_off):
+        width = float(stats.bins.width)
+        acc = _sector_profiles(arr, stats.bins.index, mu, sd, float(bx), float(by), int(b_lo), int(b_hi), width,
+                               float(lo_valid), float(hi_valid), int(ICE_ROW_STEP), _nchunks())
+        shift = int(round(ICE_SHIFT_PX / width))
+        sc = np.sort(_sector_ice_search(acc, int(b_hi - b_lo), line_off, shift,
+                                        max(int(round(6 / width)), 2), max(int(round(20 / width)), 4)))
+        out[k : k + 3] = np.log1p(np.maximum([sc[-1], sc[-2], np.median(sc)], 0.0))
+    k += 3
+    # fraction of the (sampled) valid area in tiles that read mostly zero
+    if ok.any() and ntot > 0:
+        out[k] = float(tn[ok][zx > DEAD_TILE_EXCESS].sum() / ntot)
+    k += 1
+    # dead readout lines: excess of exact zeros over Poisson in a column / sampled row
+    for acc in (cols, rows):
+        good = acc[0] >= 64
+        if good.any():
+            out[k] = float((acc[2, good] / acc[0, good]).max())
+        k += 1
+    # hot clusters and other large connected "peaks" (Bragg spots are small)
+    if npk:
+        npix = np.asarray(peaks.npix)
+        out[k] = np.log10(1.0 + float(npix.max()))
+        out[k + 1] = np.log10(1.0 + float(np.count_nonzero(npix >= LARGE_PEAK_NPIX)))
+    k += 2
+    # hot clusters too large for the peak finder: long runs of bright pixels
+    out[k] = np.log2(1.0 + rows[3].max()) if rows.shape[1] else 0.0
+    out[k + 1] = np.log10(1.0 + float(np.count_nonzero(rows[3] >= LONG_RUN_PX)))
     k += 2
     assert k == N_FEATURES
     return out.astype(np.float32)

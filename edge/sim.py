@@ -86,6 +86,9 @@ class SimConfig:
     beamstop_arm_angle : float or None
         Direction of the beamstop arm in degrees (0 = towards +x, 90 = +y);
         None = disc only.
+    beamstop_offset : (float, float)
+        Beamstop (shadow disc and arm origin) position minus the true beam
+        position, in pixels; (0, 0) = concentric (the default).
     direct_beam : float
         Peak expected counts of a direct beam leaking past the beamstop, a
         Gaussian of sigma ``direct_beam_sigma`` px at the true beam position
@@ -130,6 +133,7 @@ class SimConfig:
     min_separation: float = 8.0
     dtype: str = "int32"
     beamstop_arm_angle: float | None = 0.0
+    beamstop_offset: tuple[float, float] = (0.0, 0.0)
     direct_beam: float = 0.0
     direct_beam_sigma: float = 2.0
     stripes: int = 0
@@ -297,8 +301,11 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
     # beamstop: disc at the true beam plus an arm to the right edge
     shadow = None
     if cfg.beamstop_radius > 0:
-        yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(true_center[1])
-        xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(true_center[0])
+        sx, sy = true_center
+        if cfg.beamstop_offset[0] or cfg.beamstop_offset[1]:
+            sx, sy = sx + cfg.beamstop_offset[0], sy + cfg.beamstop_offset[1]
+        yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(sy)
+        xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(sx)
         shadow = (xx * xx + yy * yy) < cfg.beamstop_radius ** 2
         arm_w = cfg.beamstop_radius * 0.35
         if cfg.beamstop_arm_angle == 0.0:

@@ -28,8 +28,10 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
     n_t = len(edges) - 1
     grid = np.zeros((3, n_rings * 8))
     tiles = np.zeros((8, n_t * n_t))
-    cols = np.zeros((2, nx))
-    rows = np.zeros((2, ny))
+    cols = np.zeros((3, nx))
+    rows = np.zeros((4, ny))
+    last_b = {}
+    run = {}
     tcol = np.searchsorted(edges, np.arange(nx), side="right") - 1
     jin0, jin1 = max(0, math.floor(bx - inner)), min(nx, math.ceil(bx + inner) + 1)
     for i in range(ny):
@@ -47,8 +49,12 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
             if not sampled:
                 continue
             z = max((vc - mu[b]) / sd[b], -5.0)
-            cols[:, j] += (1, z)
-            rows[:, i] += (1, z)
+            cols[:, j] += (1, z, (v == 0) - e0[b])
+            rows[:3, i] += (1, z, (v == 0) - e0[b])
+            if vc >= mu[b] + 5 * sd[b]:
+                run[i] = run.get(i, 0) + 1 if last_b.get(i) == j - 1 else 1
+                last_b[i] = j
+                rows[3, i] = max(rows[3, i], run[i])
             k = (i * n_t // ny) * n_t + tcol[j]
             nbr = [float(frame[a, c]) for a, c in ((i, j - 1), (i, j + 1), (i - 1, j), (i + 1, j))
                    if 0 <= a < ny and 0 <= c < nx]
@@ -118,6 +124,61 @@ def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
 
 
+def ref_sector16(dx, dy):
+    a = math.atan2(dy, dx) % (2 * math.pi)
+    return int(a // (math.pi / 8)) % 16
+
+
+@given(st.floats(-50, 50), st.floats(-50, 50))
+def test_sector16_matches_atan2(dx, dy):
+    k = F._sector16(dx, dy)
+    if dx == 0.0 and dy == 0.0:  # the centre itself (signed zeros): any sector
+        assert 0 <= k < 16
+        return
+    ref = ref_sector16(dx, dy)
+    a = math.atan2(dy, dx) % (2 * math.pi)
+    frac = a / (math.pi / 8) - round(a / (math.pi / 8))
+    if abs(frac) > 1e-9:
+        assert k == ref
+    else:  # on a sector boundary rounding may pick either side
+        assert k in (ref, (ref - 1) % 16, (ref + 1) % 16)
+
+
+def ref_sector_profiles(frame, index, mu, sd, bx, by, b_lo, b_hi, lo, hi, row_step):
+    ny, nx = frame.shape
+    nb = b_hi - b_lo
+    acc = np.zeros((2, 16 * nb))
+    for i in range(0, ny, row_step):
+        for j in range(nx):
+            b = int(index[i, j])
+            v = float(frame[i, j])
+            if b < b_lo or b >= b_hi or b >= len(mu) or not (lo <= v <= hi):
+                continue
+            key = ref_sector16(j - bx, i - by) * nb + b - b_lo
+            acc[:, key] += (1.0, min(v, mu[b] + F.ICE_Z_CLIP * sd[b]))
+    return acc
+
+
+@settings(max_examples=40, deadline=None)
+@given(ny=st.integers(8, 60), nx=st.integers(8, 60), seed=st.integers(0, 2**31 - 1), row_step=st.integers(1, 8))
+def test_sector_profiles_match_numpy(ny, nx, seed, row_step):
+    rng = np.random.default_rng(seed)
+    frame = rng.poisson(3.0, (ny, nx)).astype(np.float64)
+    frame[rng.random((ny, nx)) < 0.05] = -1
+    bx, by = rng.uniform(0, nx), rng.uniform(0, ny)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    index = np.hypot(xx - bx, yy - by).astype(np.uint16)  # 1-px rings around (bx, by)
+    index[rng.random((ny, nx)) < 0.05] = 65535
+    nbins = int(index[index < 65535].max()) + 1 if (index < 65535).any() else 1
+    mu = rng.uniform(0.0, 6.0, nbins)
+    sd = np.maximum(np.sqrt(mu), 0.5)
+    b_lo = int(rng.integers(0, nbins))
+    b_hi = int(rng.integers(b_lo, nbins + 1))
+    got = F._sector_profiles(frame, index, mu, sd, bx, by, b_lo, b_hi, 1.0, 0.0, 1e300, row_step, 3)
+    want = ref_sector_profiles(frame, index, mu, sd, bx, by, b_lo, b_hi, 0.0, 1e300, row_step)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(10, 200), seed=st.integers(0, 2**31 - 1), hw=st.integers(0, 4),
        fi=st.integers(1, 5), extra=st.integers(1, 10))
@@ -174,6 +235,22 @@ def test_features_respond_to_anomalies():
     assert ice[idx["ice_significance_max"]] > normal[idx["ice_significance_max"]] + 1.0
     assert dead[idx["tile_zero_excess_max"]] > normal[idx["tile_zero_excess_max"]] + 0.3
     assert beam[idx["log_saturated_clustered"]] > 1.0 == normal[idx["log_saturated_clustered"]] + 1.0
+
+
+def test_ice_search_tolerates_a_wrong_beam_centre():
+    # a beam 60-140 px off the believed centre smears the rings in the ring
+    # means, but the shift-tolerant sector search still sees them
+    idx = {n: i for i, n in enumerate(F.FEATURE_NAMES)}
+    k = idx["ice_sector_sig_max"]
+    for off in ((60.0, -80.0), (140.0, 20.0)):
+        base = dict(layout="1m", seed=5, background=3.0, beam_offset=off)
+        normal = F.frame_features(*_fg(simulate(**base)))
+        ice = F.frame_features(*_fg(simulate(**base, ice_rings=True, ice_strength=6.0)))
+        assert ice[k] > normal[k] + 0.5, off
+    # a dead module is a large zero-reading area
+    dead = F.frame_features(*_fg(simulate(layout="1m", seed=5, dead_modules=1)))
+    normal = F.frame_features(*_fg(simulate(layout="1m", seed=5)))
+    assert dead[idx["dead_area_fraction"]] > 0.2 and normal[idx["dead_area_fraction"]] == 0.0
 
 
 def _fg(sf):
