@@ -41,7 +41,7 @@ CACHE = ROOT / "runs" / "anomaly_cache"  # gitignored; never required
 
 #: Seed ranges (half-open). Held-out and test seeds are never used in training.
 SPLITS = {
-    "train": (0, 7000),
+    "train": (0, 10000),
     "validation": (100_000, 101_000),  # threshold tuning only
     "heldout": (200_000, 201_500),     # reported metrics
 }
