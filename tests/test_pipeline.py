@@ -106,8 +106,12 @@ def test_scripted_scenario_end_to_end_through_pty(tmp_path, emulator, model):
     fired_on_clean = [(i, frames[i]["actions"]) for i in clean if frames[i]["actions"]]
     assert fired_on_clean == []
 
-    level = 4
+    def level_before(frame):  # attenuator level the device reported last before `frame`
+        acks = [c for c in commands if c["frame"] < frame and c["name"] == "set_attenuation"]
+        return acks[-1]["state"]["attenuation"] if acks else 4
+
     for ph in scenario.phases:
+        level = level_before(ph.start)
         fired = [(c["frame"], c) for c in commands if ph.start <= c["frame"] < ph.end]
         if ph.name == "blank":
             assert fired == []
@@ -115,9 +119,7 @@ def test_scripted_scenario_end_to_end_through_pty(tmp_path, emulator, model):
         rule, name, check = EXPECTED[ph.name]
         first = next((f, c) for f, c in fired if c["rule"] == rule)
         assert first[0] - ph.start <= 3, (ph.name, first[0])  # within 3 frames of onset
-        assert first[1]["name"] == name and check(first[1]["args"], level), first[1]
-        if name == "set_attenuation":
-            level = first[1]["state"]["attenuation"]
+        assert first[1]["name"] == name and check(first[1]["args"], level), (first[1], level)
     fault = scenario.phases[[p.name for p in scenario.phases].index("detector_fault")]
     assert any(a["action"] == "mask" for i in range(fault.start, fault.start + 4) for a in frames[i]["actions"])
 
