@@ -2,7 +2,7 @@
 
 Two measurements per detector size, both through the full pipeline (peaks,
 anomaly features and model, policy, command thread, bridge) and a real pty to
-the instrument emulator:
+the instrument emulator (in its own process, as a real device would be):
 
 1. **Latency**: frames from memory at a fixed rate; a probe rule sends one
    ``query_state`` command per frame (harmless, allowlisted, exercises the
@@ -52,18 +52,40 @@ class ProbePolicy:
 
 
 @contextlib.contextmanager
-def emulated_bridge(**emulator_kw):
-    """A Bridge connected to an in-process instrument emulator on a real pty."""
-    import firmware_bridge as fb
-    from firmware_bridge.emulator import start_pty_emulator
+def emulated_bridge(*, in_process: bool = False, **emulator_kw):
+    """A Bridge connected to the instrument emulator on a real pty.
 
-    emu = start_pty_emulator(**emulator_kw)
+    By default the emulator runs in its own process, as the real device is
+    outside the edge computer: in-process it would compete with the
+    pipeline for the GIL and skew the latency figures.
+    """
+    import subprocess
+    import sys
+
+    import firmware_bridge as fb
+
+    limits = {"version": 1, "rate": {"max_per_second": 2000.0, "burst": 500}, "commands": {"query_state": {}}}
+    if in_process:
+        from firmware_bridge.emulator import start_pty_emulator
+
+        emu = start_pty_emulator(**emulator_kw)
+        try:
+            with fb.connect(emu.port, limits=limits) as bridge:
+                yield bridge, emu
+        finally:
+            emu.stop()
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "firmware_bridge.emulator", "pty"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        with fb.connect(emu.port, limits={"version": 1, "rate": {"max_per_second": 2000.0, "burst": 500},
-                                          "commands": {"query_state": {}}}) as bridge:
-            yield bridge, emu
+        port = proc.stdout.readline().strip()
+        if not port:
+            raise RuntimeError("instrument emulator did not start")
+        with fb.connect(port, limits=limits) as bridge:
+            yield bridge, proc
     finally:
-        emu.stop()
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _source(layout: str, n_frames: int, rate_hz: float | None, seed: int = 0):
