@@ -215,19 +215,29 @@ def _clip_iterations(frame, index, nbins, lo_valid, hi_valid, n_iter, nsigma, ro
 HIST_BINS = 64
 
 
+OVERFLOW_CAP = 1 << 16
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _ring_histogram(frame, index, nbins, hi_valid, row_step, nchunks):
     """Per-ring histogram of integer values 0..HIST_BINS-1 over the sampled
-    rows, plus count/sum/sum-of-squares/min/max of the larger values."""
+    rows, and the larger values (spots, hot pixels: few) as a ring-sorted
+    sparse list.
+
+    Returns ``hist (nbins, HIST_BINS)``, ``ptr (nbins + 1)``, ``values`` and
+    ``complete``: False when more than ``OVERFLOW_CAP`` large values per
+    chunk did not fit (a high-background frame: use the pixel passes).
+    """
     ny, nx = frame.shape
     hist = np.zeros((nchunks, nbins, HIST_BINS), dtype=np.int32)
-    over = np.zeros((nchunks, 3, nbins), dtype=np.float64)
-    omin = np.full((nchunks, nbins), np.inf)
-    omax = np.full((nchunks, nbins), -np.inf)
+    ob = np.empty((nchunks, OVERFLOW_CAP), dtype=np.int64)
+    ov = np.empty((nchunks, OVERFLOW_CAP), dtype=np.float64)
+    on = np.zeros(nchunks, dtype=np.int64)
+    full = np.zeros(nchunks, dtype=np.bool_)
     nrows = (ny + row_step - 1) // row_step
     for c in prange(nchunks):
         h = hist[c]
-        o = over[c]
+        k = 0
         for rr in range(c * nrows // nchunks, (c + 1) * nrows // nchunks):
             i = rr * row_step
             for j in range(nx):
@@ -239,34 +249,37 @@ def _ring_histogram(frame, index, nbins, hi_valid, row_step, nchunks):
                     continue
                 if v < HIST_BINS:
                     h[b, v] += 1
+                elif k < OVERFLOW_CAP:
+                    ob[c, k] = b
+                    ov[c, k] = np.float64(v)
+                    k += 1
                 else:
-                    fv = np.float64(v)
-                    o[0, b] += 1.0
-                    o[1, b] += fv
-                    o[2, b] += fv * fv
-                    omin[c, b] = min(omin[c, b], fv)
-                    omax[c, b] = max(omax[c, b], fv)
+                    full[c] = True
+        on[c] = k
     tot = np.zeros((nbins, HIST_BINS), dtype=np.int64)
-    otot = np.zeros((3, nbins), dtype=np.float64)
-    mn = np.full(nbins, np.inf)
-    mx = np.full(nbins, -np.inf)
     for c in range(nchunks):
         tot += hist[c]
-        otot += over[c]
-        for b in range(nbins):
-            mn[b] = min(mn[b], omin[c, b])
-            mx[b] = max(mx[b], omax[c, b])
-    return tot, otot, mn, mx
+    # counting sort of the large values by ring
+    ptr = np.zeros(nbins + 1, dtype=np.int64)
+    for c in range(nchunks):
+        for k in range(on[c]):
+            ptr[ob[c, k] + 1] += 1
+    for b in range(nbins):
+        ptr[b + 1] += ptr[b]
+    fill = ptr[:-1].copy()
+    values = np.empty(ptr[nbins], dtype=np.float64)
+    for c in range(nchunks):
+        for k in range(on[c]):
+            b = ob[c, k]
+            values[fill[b]] = ov[c, k]
+            fill[b] += 1
+    return tot, ptr, values, not full.any()
 
 
 @njit(cache=True, nogil=True)
-def _clip_histogram(hist, over, omin, omax, lo_valid, hi_valid, n_iter, nsigma):
-    """The same clipping as :func:`_clip_iterations`, on ring histograms.
-
-    Returns ``ok=False`` when a clip bound falls among the large values that
-    the histogram does not resolve (high background); the caller then runs
-    the pixel-pass version.
-    """
+def _clip_histogram(hist, ptr, values, lo_valid, hi_valid, n_iter, nsigma):
+    """The same clipping as :func:`_clip_iterations`, on ring histograms plus
+    the sparse list of large values (exact: no pixel pass needed)."""
     nbins = hist.shape[0]
     lo = np.full(nbins, lo_valid, dtype=np.float64)
     hi = np.full(nbins, hi_valid, dtype=np.float64)
@@ -288,20 +301,19 @@ def _clip_histogram(hist, over, omin, omax, lo_valid, hi_valid, n_iter, nsigma):
                 n += k
                 s1 += k * fv
                 s2 += k * fv * fv
-            if over[0, b] > 0:
-                if lo[b] <= omin[b] and hi[b] >= omax[b]:
-                    n += over[0, b]
-                    s1 += over[1, b]
-                    s2 += over[2, b]
-                elif hi[b] >= omin[b] or lo[b] > omin[b]:
-                    return mean, var, count, False
+            for q in range(ptr[b], ptr[b + 1]):
+                fv = values[q]
+                if fv >= lo[b] and fv <= hi[b]:
+                    n += 1.0
+                    s1 += fv
+                    s2 += fv * fv
             m[0, b] = n
             m[1, b] = s1
             m[2, b] = s2
         moved, total = _update_bounds(m, count, mean, var, lo, hi, lo_valid, hi_valid, nsigma)
         if moved <= 1.0e-3 * total:
             break
-    return mean, var, count, True
+    return mean, var, count
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -469,13 +481,13 @@ def prepare_frame(frame, mask=None, *, dark=None, geometry: Geometry | None = No
 
 def _clip(arr, bins, lo_valid, hi_valid, n_iter, nsigma, row_step):
     """Clipped ring statistics: from one histogram pass for raw integer
-    frames (photon counts are small), else one pixel pass per iteration."""
+    frames (photon counts are small; the few large values are kept exactly),
+    else one pixel pass per iteration."""
     if arr.dtype.kind in "iu" and lo_valid == 0.0:
-        hist, over, omin, omax = _ring_histogram(arr, bins.index, bins.nbins, hi_valid, row_step,
-                                                 max(1, numba.get_num_threads()))
-        mean, var, count, ok = _clip_histogram(hist, over, omin, omax, lo_valid, hi_valid, n_iter, nsigma)
-        if ok:
-            return mean, var, count
+        hist, ptr, values, complete = _ring_histogram(arr, bins.index, bins.nbins, hi_valid, row_step,
+                                                      max(1, numba.get_num_threads()))
+        if complete:
+            return _clip_histogram(hist, ptr, values, lo_valid, hi_valid, n_iter, nsigma)
     return _clip_iterations(arr, bins.index, bins.nbins, lo_valid, hi_valid, n_iter, nsigma, row_step,
                             _nchunks())
 

@@ -327,8 +327,13 @@ def test_histogram_clipping_is_used_for_counts_and_falls_back_for_high_backgroun
     rng = np.random.default_rng(0)
     index = np.zeros((50, 50), np.uint16)
     low = rng.poisson(3, (50, 50)).astype(np.int32)
-    hist, over, omin, omax = bgm._ring_histogram(low, index, 1, 1e300, 1, 2)
-    assert bgm._clip_histogram(hist, over, omin, omax, 0.0, 1e300, 5, 3.0)[3]
-    high = rng.poisson(500, (50, 50)).astype(np.int32)
-    hist, over, omin, omax = bgm._ring_histogram(high, index, 1, 1e300, 1, 2)
-    assert not bgm._clip_histogram(hist, over, omin, omax, 0.0, 1e300, 5, 3.0)[3]
+    low[5, 5] = 50000  # a hot pixel stays exact in the sparse list
+    hist, ptr, values, complete = bgm._ring_histogram(low, index, 1, 1e300, 1, 2)
+    assert complete and values.tolist() == [50000.0]
+    high = rng.poisson(500, (400, 400)).astype(np.int32)  # more large values than the list holds
+    index = np.zeros(high.shape, np.uint16)
+    assert not bgm._ring_histogram(high, index, 1, 1e300, 1, 1)[3]
+    bins = bgm.RadialBins(index, 1, 1.0)
+    ref = _ref_clip(high, index, 1, 0.0, 1e300, 5, 3.0, 1)
+    for g, r in zip(bgm._clip(high, bins, 0.0, 1e300, 5, 3.0, 1), ref):  # the pixel-pass fallback
+        np.testing.assert_allclose(g, r, rtol=1e-9)
