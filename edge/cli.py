@@ -18,11 +18,11 @@ def _positive_int(text: str) -> int:
 
 
 def _rate(text: str):
-    if text == "file":
-        return "file"
+    if text in ("file", "max"):
+        return text
     v = float(text)
     if v <= 0:
-        raise argparse.ArgumentTypeError(f"rate must be > 0 Hz or 'file', got {text}")
+        raise argparse.ArgumentTypeError(f"rate must be > 0 Hz, 'file' or 'max', got {text}")
     return v
 
 
@@ -101,8 +101,12 @@ def cmd_run(args) -> int:
     src_kw = {}
     if args.source.split(":")[0] in ("sim", "scenario") and args.layout:
         src_kw["layout"] = args.layout
+    rate = args.rate
+    if rate is None:  # the simulator stands in for a live detector: pace it like one
+        rate = 100.0 if args.source.split(":")[0] in ("sim", "scenario") else "max"
     try:
-        source = open_source(args.source, rate_hz=args.rate, n_frames=args.frames, loop=args.loop, **src_kw)
+        source = open_source(args.source, rate_hz=None if rate == "max" else rate, n_frames=args.frames,
+                             loop=args.loop, **src_kw)
     except SourceError as exc:
         print(f"edge run: source: {exc}", file=sys.stderr)
         return 2
@@ -249,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layout", default=None, help="simulated detector: 1m (default), 4m, 9m, 16m")
     r.add_argument("--frames", type=_positive_int, default=None, help="stop after this many frames")
     r.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    r.add_argument("--rate", type=_rate, default=None, help="frame rate in Hz, or 'file' (default: as fast as possible)")
+    r.add_argument("--rate", type=_rate, default=None,
+                   help="frame rate in Hz, 'file' (the file's frame rate) or 'max' (as fast as processing goes); "
+                        "default 100 Hz for the simulator, 'max' for files")
     r.add_argument("--loop", action="store_true", help="replay a file source from the start when it ends")
     r.add_argument("--port", default=None,
                    help="serial device: path, pyserial URL, usb:VID:PID[:SERIAL] (default: built-in emulator)")
