@@ -249,13 +249,19 @@ class Pipeline:
         Make acquisition wait for room instead of dropping. Default: wait
         for unpaced sources (file replay as fast as possible), drop for
         paced ones (a live detector cannot wait).
+    measure_every : int
+        Re-measure the beam offset / dead regions at most every this many
+        frames while the flag persists (reuse the last value in between).
     """
 
     def __init__(self, source, *, model=None, policy: Policy | None = None, bridge=None,
                  results: str | os.PathLike | None = None, queue_size: int = 4,
                  command_queue_size: int = 32, peak_params: dict | None = None,
-                 on_frame: Callable[[dict], None] | None = None, block_source: bool | None = None) -> None:
+                 on_frame: Callable[[dict], None] | None = None, block_source: bool | None = None,
+                 measure_every: int = 10) -> None:
         self.source = source
+        self.measure_every = max(1, int(measure_every))
+        self._measurements: dict[str, tuple[int, Any]] = {}
         self.block_source = (getattr(source, "rate_hz", None) is None) if block_source is None else block_source
         self.model = model
         self.policy = policy
@@ -355,6 +361,14 @@ class Pipeline:
             self._geom_cache[key] = g
         return g
 
+    def _measured(self, key: str, index: int, needed: bool, measure: Callable[[], Any]):
+        if not needed:
+            return None
+        last = self._measurements.get(key)
+        if last is None or index - last[0] >= self.measure_every or index < last[0]:
+            last = self._measurements[key] = (index, measure())
+        return last[1]
+
     def process(self, frame: np.ndarray, meta) -> dict:
         """Process one frame; returns its record (also logged and queued commands)."""
         t_start = time.perf_counter()
@@ -374,12 +388,13 @@ class Pipeline:
             res = self.model.predict(feats)
             t_inf = time.perf_counter()
             probs, flags = res.probabilities, tuple(res.flags)
-        # measurements only when a rule may need them (they cost milliseconds)
-        offset = measure_beam_offset(frame, geom) if "beam_off_center" in flags else None
-        fault = None
-        if "detector_fault" in flags:
-            regions = find_dead_regions(frame, geom, stats=stats)
-            fault = regions[0] if regions else None
+        # measurements only on flagged frames, and at most every
+        # `measure_every` frames (they cost milliseconds to tens of ms; a
+        # drifted beam or a dead module does not change from frame to frame)
+        offset = self._measured("beam_offset", meta.index, "beam_off_center" in flags,
+                                lambda: measure_beam_offset(frame, geom))
+        fault = self._measured("fault", meta.index, "detector_fault" in flags,
+                               lambda: next(iter(find_dead_regions(frame, geom, stats=stats)), None))
         t_meas = time.perf_counter()
         actions = []
         if self.policy is not None:
