@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from .anomaly_data import CLASSES
 from .sim import SimConfig
 
 if sys.version_info >= (3, 11):
@@ -51,10 +52,8 @@ __all__ = [
     "default_scenario",
 ]
 
-#: Class names of the anomaly model (keep in step with the model's labels).
-ANOMALY_CLASSES: tuple[str, ...] = (
-    "ice_rings", "saturation", "blank", "no_beam", "beam_off_center", "detector_fault",
-)
+#: Class names of the anomaly model, in its output order.
+ANOMALY_CLASSES: tuple[str, ...] = CLASSES  # one list, owned by the model's data recipe
 #: Every ground-truth label a scenario may use: the model classes plus
 #: ``weak_diffraction``, a peak-statistics condition rather than a model class.
 LABELS: frozenset[str] = frozenset(ANOMALY_CLASSES) | {"weak_diffraction"}
