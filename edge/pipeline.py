@@ -396,6 +396,7 @@ class Pipeline:
         fault = self._measured("fault", meta.index, "detector_fault" in flags,
                                lambda: next(iter(find_dead_regions(frame, geom, stats=stats)), None))
         t_meas = time.perf_counter()
+        median_snr = float(np.median(peaks.snr)) if len(peaks) else None
         actions = []
         if self.policy is not None:
             while True:
@@ -404,8 +405,7 @@ class Pipeline:
                 except queue.Empty:
                     break
             obs = Observation(index=meta.index, t=meta.t_source, flags=frozenset(flags), probabilities=probs,
-                              n_peaks=len(peaks),
-                              median_snr=float(np.median(peaks.snr)) if len(peaks) else None,
+                              n_peaks=len(peaks), median_snr=median_snr,
                               n_saturated_peaks=int(peaks.saturated.sum()),
                               beam_offset_px=offset, fault_region=fault)
             actions = self.policy.step(obs)
@@ -438,7 +438,7 @@ class Pipeline:
                           "total": (t_end - t_start) * ms},
             "latency_ms": (t_end - meta.t_source) * ms,
             "n_peaks": len(peaks),
-            "median_snr": float(np.median(peaks.snr)) if len(peaks) else None,
+            "median_snr": median_snr,
             "n_saturated_peaks": int(peaks.saturated.sum()),
             "flags": list(flags),
             "probabilities": {k: round(float(v), 4) for k, v in probs.items()},

@@ -186,11 +186,15 @@ def spot_snr(intensity, background, sigma):
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
-def _background_model(cfg: SimConfig, geom: Geometry, true_center) -> np.ndarray:
-    ny, nx = geom.shape
-    y = (np.arange(ny, dtype=np.float32) - np.float32(true_center[1]))[:, None]
-    x = (np.arange(nx, dtype=np.float32) - np.float32(true_center[0]))[None, :]
-    r = np.sqrt(x * x + y * y)
+def _radius_map(shape, center) -> np.ndarray:
+    """float32 distance (px) of every pixel centre from ``center = (x, y)``."""
+    ny, nx = shape
+    y = (np.arange(ny, dtype=np.float32) - np.float32(center[1]))[:, None]
+    x = (np.arange(nx, dtype=np.float32) - np.float32(center[0]))[None, :]
+    return np.sqrt(x * x + y * y)
+
+
+def _background_model(cfg: SimConfig, geom: Geometry, r: np.ndarray) -> np.ndarray:
     tth = np.arctan(r * np.float32(geom.pixel_size_mm / geom.distance_mm))
     with np.errstate(divide="ignore"):
         d = np.float32(geom.wavelength_A) / (2.0 * np.sin(tth / 2.0))
@@ -203,12 +207,8 @@ def _background_model(cfg: SimConfig, geom: Geometry, true_center) -> np.ndarray
     return bg.astype(np.float32)
 
 
-def _ice(cfg: SimConfig, geom: Geometry, true_center, rng) -> np.ndarray:
-    ny, nx = geom.shape
-    y = (np.arange(ny, dtype=np.float32) - np.float32(true_center[1]))[:, None]
-    x = (np.arange(nx, dtype=np.float32) - np.float32(true_center[0]))[None, :]
-    r = np.sqrt(x * x + y * y)
-    out = np.zeros((ny, nx), np.float32)
+def _ice(cfg: SimConfig, geom: Geometry, r: np.ndarray, rng) -> np.ndarray:
+    out = np.zeros(r.shape, np.float32)
     radii = geom.radius_for_d(ICE_D_SPACINGS)
     width = rng.uniform(1.0, 2.5)
     for rad, rel in zip(radii, ICE_REL_INTENSITY):
@@ -294,9 +294,10 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
     true_center = (bx + cfg.beam_offset[0], by + cfg.beam_offset[1])
     valid = geom.valid.copy()
 
-    bg = _background_model(cfg, geom, true_center) * np.float32(cfg.flux)
+    r_true = _radius_map(geom.shape, true_center)
+    bg = _background_model(cfg, geom, r_true) * np.float32(cfg.flux)
     if cfg.ice_rings and cfg.flux > 0:
-        bg += _ice(cfg, geom, true_center, rng) * np.float32(cfg.flux)
+        bg += _ice(cfg, geom, r_true, rng) * np.float32(cfg.flux)
 
     # beamstop: disc at the true beam plus an arm to the right edge
     shadow = None

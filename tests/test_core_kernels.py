@@ -37,6 +37,11 @@ def frames(draw, max_side=24):
     return f.astype(dtype), index, ncell, rng
 
 
+def _hi_valid(frame):
+    """The kernels' upper valid value: dtype maximum - 1 for unsigned frames."""
+    return float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+
+
 def _valid_values(frame, lo, hi):
     f = frame.astype(np.float64)
     with np.errstate(invalid="ignore"):
@@ -97,7 +102,7 @@ def _ref_clip(frame, index, nbins, lo_valid, hi_valid, n_iter, nsigma, row_step)
 @SETTINGS
 def test_clip_iterations_matches_reference(data, n_iter, nsigma, row_step):
     frame, index, ncell, _ = data
-    hi_valid = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi_valid = _hi_valid(frame)
     got = bgm._clip_iterations(frame, index, ncell, 0.0, hi_valid, n_iter, nsigma, row_step, 2)
     ref = _ref_clip(frame, index, ncell, 0.0, hi_valid, n_iter, nsigma, row_step)
     for g, r in zip(got, ref):
@@ -137,7 +142,7 @@ def _ref_seeds(frame, th, lo, hi):
 def test_seed_kernel_matches_box_sum_reference(data):
     frame, index, ncell, rng = data
     th = _random_thresholds(index, ncell, rng)
-    hi = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi = _hi_valid(frame)
     seeds, overflow = sfm.threshold_pixels(frame, th, lo_valid=0.0, hi_valid=hi)
     assert not overflow
     np.testing.assert_array_equal(np.sort(seeds), _ref_seeds(frame, th, 0.0, hi))
@@ -184,7 +189,7 @@ def _ref_label(frame, th, seeds, hi):
 def test_label_kernel_matches_bfs_reference(data):
     frame, index, ncell, rng = data
     th = _random_thresholds(index, ncell, rng)
-    hi = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi = _hi_valid(frame)
     seeds = rng.permutation(frame.size)[: rng.integers(0, frame.size + 1)]
     regions = sfm.label_regions(frame, th, seeds, hi_valid=hi)
     got = [frozenset(regions.pixels[regions.ptr[k] : regions.ptr[k + 1]].tolist()) for k in range(len(regions))]
@@ -234,7 +239,7 @@ def test_measure_kernel_matches_reference(data, inner, outer):
     frame, index, ncell, rng = data
     frame = np.where(np.isnan(frame.astype(np.float64)), 0, frame).astype(frame.dtype)
     th = _random_thresholds(index, ncell, rng)
-    hi = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi = _hi_valid(frame)
     seeds = np.flatnonzero((index.ravel() < ncell) & (frame.ravel().astype(float) >= 0))
     seeds = rng.permutation(seeds)[:10]
     regions = sfm.label_regions(frame, th, seeds, hi_valid=hi)
@@ -251,7 +256,7 @@ def test_measure_kernel_matches_reference(data, inner, outer):
 def test_window_stats_match_brute_force(data, window):
     frame, _, _, rng = data
     valid = rng.random(frame.shape) > 0.1
-    hi = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi = _hi_valid(frame)
     n, s, q = bgm._integral_images(frame, valid, 0.0, hi, 2)
     ny, nx = frame.shape
     mean = np.empty((ny, nx))
@@ -283,7 +288,7 @@ def test_dispersion_signal_matches_formula(data):
     var = mean * rng.uniform(0.5, 4, (ny, nx))
     cnt = rng.integers(0, 50, (ny, nx)).astype(np.float64)
     out = np.empty((ny, nx), bool)
-    hi = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi = _hi_valid(frame)
     bgm._dispersion_signal(frame, valid, 0.0, hi, mean, var, cnt, 6.0, 3.0, 2, out)
     f, ok = _valid_values(frame, 0.0, hi)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -315,7 +320,7 @@ def test_histogram_clipping_equals_pixel_pass_clipping(data, n_iter, nsigma, row
         frame = np.nan_to_num(frame, nan=-1).astype(np.int32)
     # an offset pushes some rings past the histogram range (exercises the fallback)
     frame = np.where(frame >= 0, frame + offset, frame).astype(frame.dtype)
-    hi_valid = float(np.iinfo(frame.dtype).max - 1) if frame.dtype.kind == "u" else 1e300
+    hi_valid = _hi_valid(frame)
     bins = bgm.RadialBins(index, ncell, 1.0)
     got = bgm._clip(frame, bins, 0.0, hi_valid, n_iter, nsigma, row_step)
     ref = _ref_clip(frame, index, ncell, 0.0, hi_valid, n_iter, nsigma, row_step)
