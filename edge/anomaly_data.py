@@ -6,7 +6,7 @@ its feature vector (:func:`edge.features.frame_features`) with the labels.
 Everything is a pure function of the seed, so datasets are reproducible from
 seed ranges alone (see ``models/model_card.json``).
 
-Scenario recipe v3 (all draws from ``numpy.random.default_rng([seed, 0xA40])``):
+Scenario recipe v4 (all draws from ``numpy.random.default_rng([seed, 0xA40])``):
 
 * geometry: layout 1M (90 %) or 4M, wavelength 0.7-1.5 A, distance such that
   the inscribed detector circle reaches 1.6-3.0 A (ice lines on the
@@ -28,7 +28,7 @@ Scenario recipe v3 (all draws from ``numpy.random.default_rng([seed, 0xA40])``):
   ``saturation`` (spots overloaded 2000-20000 x, or a direct beam 3-100 x the
   cutoff leaking past the beamstop), ``blank`` (no crystal),
   ``beam_off_center`` (:data:`MIN_OFFSET_PX`-150 px; nothing is drawn between
-  the normal 5 px and 30 px), ``detector_fault`` (a dead module, a hot-pixel
+  the normal 10 px and 30 px), ``detector_fault`` (a dead module, a hot-pixel
   cluster, 1-3 stripes or 1-2 bad chips). With no beam only a hot cluster can
   be added;
 * exclusion: frames with a crystal but fewer than :data:`MIN_VISIBLE_SPOTS`
@@ -63,9 +63,9 @@ P_NO_BEAM = 0.1
 #: Believed beam centre exactly at the layout centre (default geometry).
 P_CENTRED = 0.3
 #: Normal frames: true beam within this many px of the believed centre.
-MAX_NORMAL_OFFSET_PX = 5.0
+MAX_NORMAL_OFFSET_PX = 10.0
 #: ``beam_off_center`` frames: offset drawn in [MIN_OFFSET_PX, 150] px
-#: (5-30 px is a deliberate gap: neither label is trained there).
+#: (10-30 px is a deliberate gap: neither label is trained there).
 MIN_OFFSET_PX = 30.0
 #: ``ice_rings`` frames: strongest ring peak >= this x the background.
 MIN_ICE_RATIO = 1.5

@@ -26,14 +26,25 @@ geometry-normalised vector of :data:`N_FEATURES` float32 values:
   around a beam that is off the believed centre are still seen (best,
   second-best and median sector score);
 * dead area (fraction of the valid area in tiles reading mostly zero), the
-  largest excess of exact zeros in a column / sampled row (dead readout
-  lines), the largest peak's pixel count and the number of very large peaks
-  (hot clusters, a leaking beam), and the longest run of bright pixels in a
-  sampled row (hot clusters too large for the peak finder).
+  largest excess of exact zeros in a column and in one tile's part of a
+  sampled row (dead readout lines span a module, not the frame), the largest
+  peak's pixel count and the number of very large peaks (a leaking beam),
+  and the longest run of bright pixels in a sampled row;
+* hot blocks: the longest run of unsaturated pixels far above their ring
+  (:data:`HOT_SIGMA`) whose pixels one sampled row up are as hot, i.e. a
+  2-D cluster rather than a spot's edge or a ring, beyond
+  :data:`HOT_BLOCK_PX`;
+* clear peaks (SNR >= 5): their absolute number (a crystal gives tens or
+  more at any detector size), very strong ones, and what separates Bragg
+  spots from fakes of a wrong background model: median size, sharpness
+  (brightest pixel / intensity), diffuse fraction, azimuthal clustering
+  around the believed centre and the fraction on ice d-spacings.
 
 The per-pixel work is one pass (:func:`_accumulate`) over every
 ``row_step``-th row plus full resolution within :data:`INNER_FULL_PX` of the
-beam centre; everything else works on a few thousand numbers. Call
+beam centre, walking runs of constant (grid cell, tile) precomputed per
+geometry (:func:`_row_segments`); everything else works on a few thousand
+numbers (4M frame: about 2.5 ms on 2 cores). Call
 :func:`warmup` once at start-up so nothing compiles in the hot path.
 """
 
@@ -101,6 +112,18 @@ LARGE_PEAK_NPIX = 200
 #: A run of at least this many adjacent bright pixels in a row is "long"
 #: (Bragg spots are narrower; hot clusters are 8-30 px wide).
 LONG_RUN_PX = 10
+#: Hot-cluster pixels: at least mu + max(HOT_SIGMA sd, HOT_MIN_COUNTS) and not
+#: saturated (simulated clusters add 200-5000 counts per pixel).
+HOT_SIGMA = 20.0
+HOT_MIN_COUNTS = 50.0
+#: Hot-block runs (hot pixels whose pixels one sampled row up are hot too)
+#: count only beyond this many pixels: strong Bragg spots on the real PILATUS
+#: frames reach 6 px, simulated hot clusters are 8-30 px wide.
+HOT_BLOCK_PX = 7
+#: Clear-peak counts are capped here (see frame_features).
+CLEAR_PEAKS_CAP = 100
+#: A clear peak within this relative d-spacing of an ice line counts as on the ring.
+ICE_PEAK_REL = 0.015
 #: A tile counts as dead area when its zero-pixel excess exceeds this.
 DEAD_TILE_EXCESS = 0.5
 #: Offset (counts/pixel) in log ratios: keeps dark frames at 0 instead of noise.
@@ -125,6 +148,9 @@ def _names() -> tuple[str, ...]:
     n += ["ice_sector_sig_max", "ice_sector_sig_2nd", "ice_sector_sig_median", "dead_area_fraction"]
     n += ["col_zero_excess_max", "row_zero_excess_max", "log_peak_npix_max", "log_large_peaks"]
     n += ["log2_bright_run_max", "log_rows_long_bright_run"]
+    n += ["log2_hot_block_excess"]
+    n += ["log_clear_peaks", "log_very_strong_peaks", "clear_peak_log_npix_median", "clear_peak_sharpness_median",
+          "clear_peak_diffuse_fraction", "clear_peak_azimuth_r1", "clear_peak_ice_fraction"]
     return tuple(n)
 
 
@@ -152,8 +178,73 @@ def _sector(dx, dy):
     return 6 if dx < -dy else 7
 
 
+@njit(cache=True, nogil=True)
+def _row_segments(index, nbins, rbin_ring, tile_edges, bx, by, row_step):
+    """Runs of constant (polar-grid cell, tile) along every sampled row.
+
+    Computed once per geometry, so the per-frame pass (:func:`_accumulate`)
+    adds each run to its grid cell and tile without per-pixel cell lookups.
+    Masked pixels join the run they lie in (the frame pass skips them).
+
+    Returns
+    -------
+    seg : int32 (n_segments, 4)  -- first column, end column, grid cell, tile
+    row_ptr : int64 (n_sampled_rows + 1,)  -- segments of sampled row k are
+        ``seg[row_ptr[k]:row_ptr[k + 1]]``
+    """
+    ny, nx = index.shape
+    n_tiles = tile_edges.shape[0] - 1
+    n_rows = (ny + row_step - 1) // row_step
+    cap = n_rows * 64 + 16
+    seg = np.empty((cap, 4), dtype=np.int32)
+    row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
+    ns = 0
+    for k in range(n_rows):
+        i = k * row_step
+        trow = (i * n_tiles // ny) * n_tiles
+        dy = i - by
+        for tc in range(n_tiles):
+            j = tile_edges[tc]
+            j_end = tile_edges[tc + 1]
+            start = j
+            cell = -1
+            while j < j_end:
+                b = np.int64(index[i, j])
+                if b < nbins:
+                    c = rbin_ring[b] * 8 + _sector(j - bx, dy)
+                    if cell < 0:
+                        cell = c
+                    elif c != cell:
+                        if ns == seg.shape[0]:
+                            seg = np.concatenate((seg, np.empty_like(seg)))
+                        seg[ns, 0] = start
+                        seg[ns, 1] = j
+                        seg[ns, 2] = cell
+                        seg[ns, 3] = trow + tc
+                        ns += 1
+                        start = j
+                        cell = c
+                j += 1
+            if j_end > start:
+                if ns == seg.shape[0]:
+                    seg = np.concatenate((seg, np.empty_like(seg)))
+                seg[ns, 0] = start
+                seg[ns, 1] = j_end
+                seg[ns, 2] = max(cell, 0)  # an all-masked run adds nothing
+                seg[ns, 3] = trow + tc
+                ns += 1
+        row_ptr[k + 1] = ns
+    return seg[:ns].copy(), row_ptr
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hot(v, hot_thr, sat):
+    """Far above the ring's level but not saturated (hot-cluster pixel)."""
+    return v >= hot_thr and (sat <= 0.0 or v < sat)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile_edges, bx, by,
+def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tiles, bx, by,
                 lo_valid, hi_valid, sat, row_step, inner, nchunks):
     """One pass over the frame: polar grid, tile, column and row sums.
 
@@ -161,14 +252,15 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
     ----------
     frame : 2-D array (rows, columns), any kernel dtype
     index : uint16 (rows, columns)
-        Ring of each pixel, >= len(mu_ring) where masked.
-    mu_ring, sd_ring, e_ring : float64 (nbins,)
-        Expected counts, noise sigma (counts) and Poisson P(0) per ring.
+        Ring of each pixel, >= len(ring_tab) where masked.
+    ring_tab : float64 (nbins, 5)
+        Per ring: expected counts ``mu``, clip level ``mu + 5 sd``, ``1 / sd``,
+        Poisson P(0), hot-pixel level (see :func:`_ring_table`).
     rbin_ring : int64 (nbins,)
         Polar-grid ring (< n_rings) of each 1-px ring.
-    tile_edges : int64 (tiles + 1,)
-        First column of each tile column, then the frame width; tile rows
-        split the rows the same way (``i * tiles // rows``).
+    seg, row_ptr : from :func:`_row_segments` (same ``row_step``)
+    n_tiles : int
+        Tiles per side.
     bx, by : float
         Believed beam centre (px).
     lo_valid, hi_valid : float
@@ -183,22 +275,24 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
     grid : float64 (3, rings * 8)   -- n, sum of clipped values, sum of expected
     tiles : float64 (8, tiles**2)   -- see the _T_* indices (sampled rows)
     cols : float64 (3, columns)     -- n, sum of clipped z, zero pixels - expected (sampled rows)
-    rows : float64 (4, rows)        -- n, sum of clipped z, zero pixels - expected, longest run of
-                                       bright pixels in adjacent columns (sampled rows only)
+    rows : float64 (5, rows)        -- per sampled row: n, sum of clipped z, largest zero excess
+                                       fraction of a tile's part of the row (>= 32 px), longest
+                                       run of bright pixels in adjacent columns, longest run of
+                                       hot pixels whose pixel one sampled row up is hot too
 
     Notes
     -----
-    Sums stay in registers while the tile or grid cell is unchanged (a
+    Sums stay in registers for a whole run of :func:`_row_segments` (a
     scatter-add per pixel serialises on store-to-load forwarding).
     """
     ny, nx = frame.shape
-    nbins = mu_ring.shape[0]
-    n_tiles = tile_edges.shape[0] - 1
+    nbins = ring_tab.shape[0]
     grid_cells = n_rings * 8
     grid_c = np.zeros((nchunks, 3, grid_cells), dtype=np.float64)
     tiles_c = np.zeros((nchunks, 8, n_tiles * n_tiles), dtype=np.float64)
     cols_c = np.zeros((nchunks, 3, nx), dtype=np.float64)
-    rows = np.zeros((4, ny), dtype=np.float64)
+    hot_c = np.zeros((nchunks, nx), dtype=np.uint8)
+    rows = np.zeros((5, ny), dtype=np.float64)
     sat_c = sat / 4.0
     jin0 = max(0, int(math.floor(bx - inner)))
     jin1 = min(nx, int(math.ceil(bx + inner)) + 1)
@@ -206,10 +300,21 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
         g = grid_c[c]
         t = tiles_c[c]
         cl = cols_c[c]
-        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+        hot_up = hot_c[c]
+        i0 = c * ny // nchunks
+        i1 = (c + 1) * ny // nchunks
+        # hot flags of the sampled row above this chunk (runs cross chunk edges)
+        ip = ((i0 - 1) // row_step) * row_step if i0 > 0 else -1
+        if ip >= 0 and i0 < i1:
+            for j in range(nx):
+                b = np.int64(index[ip, j])
+                if b < nbins:
+                    v = np.float64(frame[ip, j])
+                    if v >= lo_valid and v <= hi_valid and _hot(v, ring_tab[b, 4], sat):
+                        hot_up[j] = 1
+        for i in range(i0, i1):
             dy = i - by
-            sampled = (i % row_step) == 0
-            if not sampled:
+            if (i % row_step) != 0:
                 if abs(dy) >= inner:
                     continue
                 # full resolution near the beam: polar grid only
@@ -224,7 +329,7 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                     v = np.float64(frame[i, j])
                     if not (v >= lo_valid and v <= hi_valid):
                         continue
-                    mu = mu_ring[b]
+                    mu = ring_tab[b, 0]
                     cell = rbin_ring[b] * 8 + _sector(j - bx, dy)
                     if cell != cur:
                         if cur >= 0:
@@ -236,79 +341,84 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                         gv = 0.0
                         gm = 0.0
                     gn += 1.0
-                    gv += min(v, mu + 5.0 * sd_ring[b])
+                    gv += min(v, ring_tab[b, 1])
                     gm += mu
                 if cur >= 0:
                     g[0, cur] += gn
                     g[1, cur] += gv
                     g[2, cur] += gm
                 continue
-            trow = (i * n_tiles // ny) * n_tiles
+            k = i // row_step
             rn = 0.0
             rz = 0.0
-            rzero = 0.0
+            zx_max = 0.0
             run = 0.0
             run_max = 0.0
             last_b = -2
-            cur = -1
-            gn = 0.0
-            gv = 0.0
-            gm = 0.0
-            for tc in range(n_tiles):
-                s_n = 0.0
-                s_v = 0.0
-                s_mu = 0.0
+            hrun = 0.0
+            hrun_max = 0.0
+            last_h = -2
+            tk = -1
+            tn = 0.0
+            tz = 0.0
+            for s in range(row_ptr[k], row_ptr[k + 1]):
+                j0 = seg[s, 0]
+                j1 = seg[s, 1]
+                cell = seg[s, 2]
+                if seg[s, 3] != tk:
+                    if tn >= 32.0:
+                        zx_max = max(zx_max, tz / tn)
+                    tk = seg[s, 3]
+                    tn = 0.0
+                    tz = 0.0
+                gn = 0.0
+                gv = 0.0
+                gm = 0.0
+                sz = 0.0
                 s_zero = 0.0
                 s_e = 0.0
-                s_bright = 0.0
-                s_sat = 0.0
-                s_satc = 0.0
-                for j in range(tile_edges[tc], tile_edges[tc + 1]):
+                for j in range(j0, j1):
                     b = np.int64(index[i, j])
                     if b >= nbins:
+                        hot_up[j] = 0
                         continue
                     v = np.float64(frame[i, j])
                     if not (v >= lo_valid and v <= hi_valid):
+                        hot_up[j] = 0
                         continue
-                    mu = mu_ring[b]
-                    sd = sd_ring[b]
+                    mu = ring_tab[b, 0]
+                    cap = ring_tab[b, 1]
+                    e = ring_tab[b, 3]
                     # clipped value: hot pixels and spots must not dominate a mean
-                    vc = min(v, mu + 5.0 * sd)
-                    cell = rbin_ring[b] * 8 + _sector(j - bx, dy)
-                    if cell != cur:
-                        if cur >= 0:
-                            g[0, cur] += gn
-                            g[1, cur] += gv
-                            g[2, cur] += gm
-                        cur = cell
-                        gn = 0.0
-                        gv = 0.0
-                        gm = 0.0
+                    vc = min(v, cap)
+                    z = max((vc - mu) * ring_tab[b, 2], -5.0)
+                    zero = 1.0 if v == 0.0 else 0.0
                     gn += 1.0
                     gv += vc
                     gm += mu
-                    z = (vc - mu) / sd
-                    if z < -5.0:
-                        z = -5.0
-                    rz += z
+                    sz += z
+                    s_zero += zero
+                    s_e += e
                     cl[0, j] += 1.0
                     cl[1, j] += z
-                    cl[2, j] += (1.0 if v == 0.0 else 0.0) - e_ring[b]
-                    s_n += 1.0
-                    s_v += vc
-                    s_mu += mu
-                    s_e += e_ring[b]
-                    if v == 0.0:
-                        s_zero += 1.0
-                    if vc >= mu + 5.0 * sd:
-                        s_bright += 1.0
+                    cl[2, j] += zero - e
+                    if v >= cap:
+                        t[_T_BRIGHT, seg[s, 3]] += 1.0
                         # run of bright pixels in adjacent columns (masked pixels break it)
                         run = run + 1.0 if j == last_b + 1 else 1.0
                         last_b = j
-                        if run > run_max:
-                            run_max = run
+                        run_max = max(run_max, run)
+                        hot = _hot(v, ring_tab[b, 4], sat)
+                        if hot and hot_up[j] != 0:
+                            # hot here and one sampled row up: a 2-D block, not a spot's edge
+                            hrun = hrun + 1.0 if j == last_h + 1 else 1.0
+                            last_h = j
+                            hrun_max = max(hrun_max, hrun)
+                        hot_up[j] = 1 if hot else 0
+                    else:
+                        hot_up[j] = 0
                     if sat > 0.0 and v >= sat:
-                        s_sat += 1.0
+                        t[_T_SAT, seg[s, 3]] += 1.0
                         # a saturated pixel with a bright 4-neighbour is part of an
                         # overloaded spot or beam, not an isolated defective pixel
                         nb = -1.0
@@ -321,26 +431,27 @@ def _accumulate(frame, index, mu_ring, sd_ring, e_ring, rbin_ring, n_rings, tile
                         if i + 1 < ny:
                             nb = max(nb, np.float64(frame[i + 1, j]))
                         if nb >= sat_c and nb <= hi_valid:
-                            s_satc += 1.0
-                k = trow + tc
-                rn += s_n
-                rzero += s_zero - s_e
-                t[0, k] += s_n
-                t[1, k] += s_v
-                t[2, k] += s_mu
-                t[3, k] += s_zero
-                t[4, k] += s_e
-                t[5, k] += s_bright
-                t[6, k] += s_sat
-                t[7, k] += s_satc
-            if cur >= 0:
-                g[0, cur] += gn
-                g[1, cur] += gv
-                g[2, cur] += gm
+                            t[_T_SATC, seg[s, 3]] += 1.0
+                g[0, cell] += gn
+                g[1, cell] += gv
+                g[2, cell] += gm
+                tt = seg[s, 3]
+                t[_T_N, tt] += gn
+                t[_T_SUMV, tt] += gv
+                t[_T_SUMMU, tt] += gm
+                t[_T_ZERO, tt] += s_zero
+                t[_T_EZERO, tt] += s_e
+                rn += gn
+                rz += sz
+                tn += gn
+                tz += s_zero - s_e
+            if tn >= 32.0:
+                zx_max = max(zx_max, tz / tn)
             rows[0, i] = rn
             rows[1, i] = rz
-            rows[2, i] = rzero
+            rows[2, i] = zx_max
             rows[3, i] = run_max
+            rows[4, i] = hrun_max
     grid = np.zeros((3, grid_cells), dtype=np.float64)
     tiles = np.zeros((8, n_tiles * n_tiles), dtype=np.float64)
     cols = np.zeros((3, nx), dtype=np.float64)
@@ -547,14 +658,17 @@ def _sector_ice_search(acc, nb, line_off, shift, flank_in, flank_out):
 # ---------------------------------------------------------------------------
 # Per-geometry tables (cached on the Geometry instance)
 # ---------------------------------------------------------------------------
-def _tables(geometry: Geometry, stats: RadialStats):
-    key = ("anomaly_features", stats.bins.nbins, stats.bins.width, geometry.beam_center)
+def _tables(geometry: Geometry, stats: RadialStats, row_step: int):
+    key = ("anomaly_features", stats.bins.nbins, stats.bins.width, geometry.beam_center, int(row_step))
     tab = geometry._cache.get(key)
     if tab is None:
         radius = stats.bins.radius
         rbin = np.searchsorted(RADIAL_EDGES_PX, radius, side="right").astype(np.int64)
         ny, nx = geometry.shape
         tile_col = np.array([(k * nx + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
+        bx, by = geometry.beam_center
+        seg, row_ptr = _row_segments(stats.bins.index, int(stats.bins.nbins), rbin, tile_col,
+                                     float(bx), float(by), int(row_step))
         line_r = np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64) / stats.bins.width
         # ring band of the shift-tolerant search (strongest lines +- shift + flanks)
         lr = line_r[:ICE_SECTOR_LINES]
@@ -566,8 +680,24 @@ def _tables(geometry: Geometry, stats: RadialStats):
         else:
             b_lo = b_hi = 0
         band = (b_lo, max(b_hi, b_lo), (lr - b_lo).astype(np.float64))
-        tab = (rbin, tile_col, line_r, band)
+        tab = (rbin, (seg, row_ptr), line_r, band)
         geometry._cache[key] = tab
+    return tab
+
+
+def _ring_table(stats: RadialStats) -> np.ndarray:
+    """Per-ring constants of :func:`_accumulate`: mu, mu + 5 sd, 1 / sd, P(0), hot level."""
+    mu = np.nan_to_num(np.asarray(stats.mean, dtype=np.float64), nan=0.0)
+    mu = np.maximum(mu, 0.0)
+    sig = np.nan_to_num(np.asarray(stats.sigma, dtype=np.float64), nan=0.0)
+    # Poisson floor: the clipped sigma underestimates the noise of low counts
+    sd = np.maximum(np.maximum(sig, np.sqrt(mu)), 0.5)
+    tab = np.empty((len(mu), 5), dtype=np.float64)
+    tab[:, 0] = mu
+    tab[:, 1] = mu + BRIGHT_SIGMA * sd
+    tab[:, 2] = 1.0 / sd
+    tab[:, 3] = np.exp(-mu)
+    tab[:, 4] = mu + np.maximum(HOT_SIGMA * sd, HOT_MIN_COUNTS)
     return tab
 
 
@@ -654,16 +784,13 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
                               lo_valid: float = 0.0, hi_valid: float = 1.0e300,
                               row_step: int = 4) -> np.ndarray:
     """:func:`frame_features` for an already validated kernel-dtype frame (no checks)."""
-    rbin, tile_col, line_r, (b_lo, b_hi, line_off) = _tables(geometry, stats)
-    mu = np.nan_to_num(np.asarray(stats.mean, dtype=np.float64), nan=0.0)
-    mu = np.maximum(mu, 0.0)
-    sig = np.nan_to_num(np.asarray(stats.sigma, dtype=np.float64), nan=0.0)
-    # Poisson floor: the clipped sigma underestimates the noise of low counts
-    sd = np.maximum(np.maximum(sig, np.sqrt(mu)), 0.5)
-    e0 = np.exp(-mu)
+    rbin, (seg, row_ptr), line_r, (b_lo, b_hi, line_off) = _tables(geometry, stats, row_step)
+    tab = _ring_table(stats)
+    mu = tab[:, 0]
+    sd = 1.0 / tab[:, 2]
     sat = float(geometry.saturation) if geometry.saturation else 0.0
     bx, by = geometry.beam_center
-    grid, tiles, cols, rows = _accumulate(arr, stats.bins.index, mu, sd, e0, rbin, N_RINGS, tile_col,
+    grid, tiles, cols, rows = _accumulate(arr, stats.bins.index, tab, rbin, N_RINGS, seg, row_ptr, N_TILES,
                                           float(bx), float(by), float(lo_valid), float(hi_valid), sat,
                                           int(row_step), int(INNER_FULL_PX), _nchunks())
     out = np.zeros(N_FEATURES, dtype=np.float64)
@@ -750,12 +877,13 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     if ok.any() and ntot > 0:
         out[k] = float(tn[ok][zx > DEAD_TILE_EXCESS].sum() / ntot)
     k += 1
-    # dead readout lines: excess of exact zeros over Poisson in a column / sampled row
-    for acc in (cols, rows):
-        good = acc[0] >= 64
-        if good.any():
-            out[k] = float((acc[2, good] / acc[0, good]).max())
-        k += 1
+    # dead readout lines: excess of exact zeros over Poisson in a column, and
+    # in a tile's part of a sampled row (a stripe spans one module, not the frame)
+    good = cols[0] >= 64
+    if good.any():
+        out[k] = float((cols[2, good] / cols[0, good]).max())
+    out[k + 1] = float(rows[2].max()) if rows.shape[1] else 0.0
+    k += 2
     # hot clusters and other large connected "peaks" (Bragg spots are small)
     if npk:
         npix = np.asarray(peaks.npix)
@@ -766,6 +894,35 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     out[k] = np.log2(1.0 + rows[3].max()) if rows.shape[1] else 0.0
     out[k + 1] = np.log10(1.0 + float(np.count_nonzero(rows[3] >= LONG_RUN_PX)))
     k += 2
+    # hot clusters: 2-D blocks of unsaturated pixels far above their ring,
+    # counted only beyond what the largest real Bragg spots reach
+    out[k] = np.log2(1.0 + max(rows[4].max() - HOT_BLOCK_PX, 0.0)) if rows.shape[1] else 0.0
+    k += 1
+    # absolute counts of clear peaks (a crystal gives tens or more at any size)
+    # and their shape: Bragg spots are sharp, background mismatch gives diffuse blobs
+    if npk:
+        snr = np.asarray(peaks.snr)
+        clear = snr >= 5.0
+        npix = np.asarray(peaks.npix)
+        # capped: beyond CLEAR_PEAKS_CAP the count says nothing about blank
+        # frames and only grows with the detector size
+        out[k] = np.log10(1.0 + float(min(np.count_nonzero(clear), CLEAR_PEAKS_CAP)))
+        out[k + 1] = np.log10(1.0 + float(min(np.count_nonzero(snr >= 20.0), CLEAR_PEAKS_CAP)))
+        if clear.any():
+            inten = np.asarray(peaks.intensity)[clear]
+            top = (np.asarray(peaks.max_value) - np.asarray(peaks.background))[clear]
+            out[k + 2] = float(np.median(np.log10(npix[clear])))
+            out[k + 3] = float(np.median(np.clip(top / np.maximum(inten, 1e-9), 0.0, 1.0)))
+            out[k + 4] = float(np.mean(npix[clear] >= 50))
+            # fakes pile up on one side of a misplaced beam and on ice rings;
+            # Bragg spots spread around the centre and across resolution
+            bx_, by_ = geometry.beam_center
+            phi = np.arctan2(np.asarray(peaks.y)[clear] - by_, np.asarray(peaks.x)[clear] - bx_)
+            out[k + 5] = float(np.hypot(np.cos(phi).mean(), np.sin(phi).mean()))
+            d = np.asarray(peaks.d)[clear]
+            near_ice = np.abs(d[:, None] / ICE_LINES_A[None, :] - 1.0).min(axis=1) < ICE_PEAK_REL
+            out[k + 6] = float(np.mean(near_ice))
+    k += 7
     assert k == N_FEATURES
     return out.astype(np.float32)
 

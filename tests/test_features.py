@@ -22,27 +22,36 @@ def ref_sector(dx, dy):
     return int(a // (math.pi / 4)) % 8
 
 
-def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, hi, sat, row_step, inner):
+def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, hi, sat, row_step, inner,
+                   hot_sigma=20.0, hot_min=50.0):
     ny, nx = frame.shape
     nb = len(mu)
     n_t = len(edges) - 1
     grid = np.zeros((3, n_rings * 8))
     tiles = np.zeros((8, n_t * n_t))
     cols = np.zeros((3, nx))
-    rows = np.zeros((4, ny))
-    last_b = {}
-    run = {}
+    rows = np.zeros((5, ny))
     tcol = np.searchsorted(edges, np.arange(nx), side="right") - 1
     jin0, jin1 = max(0, math.floor(bx - inner)), min(nx, math.ceil(bx + inner) + 1)
+
+    def valid(i, j):
+        return int(index[i, j]) < nb and lo <= float(frame[i, j]) <= hi
+
+    def hot(i, j):
+        b, v = int(index[i, j]), float(frame[i, j])
+        return (valid(i, j) and v >= mu[b] + max(hot_sigma * sd[b], hot_min) and (sat <= 0 or v < sat))
+
     for i in range(ny):
         sampled = i % row_step == 0
         if not sampled and abs(i - by) >= inner:
             continue
+        bright_cols, hot_cols = [], []
+        part = np.zeros((2, n_t))  # per tile part of the row: n, zeros - expected
         for j in range(nx) if sampled else range(jin0, jin1):
+            if not valid(i, j):
+                continue
             b = int(index[i, j])
             v = float(frame[i, j])
-            if b >= nb or not (lo <= v <= hi):
-                continue
             vc = min(v, mu[b] + 5 * sd[b])
             cell = rbin[b] * 8 + ref_sector(j - bx, i - by)
             grid[:, cell] += (1, vc, mu[b])
@@ -50,17 +59,32 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
                 continue
             z = max((vc - mu[b]) / sd[b], -5.0)
             cols[:, j] += (1, z, (v == 0) - e0[b])
-            rows[:3, i] += (1, z, (v == 0) - e0[b])
+            rows[:2, i] += (1, z)
+            part[:, tcol[j]] += (1, (v == 0) - e0[b])
             if vc >= mu[b] + 5 * sd[b]:
-                run[i] = run.get(i, 0) + 1 if last_b.get(i) == j - 1 else 1
-                last_b[i] = j
-                rows[3, i] = max(rows[3, i], run[i])
+                bright_cols.append(j)
+            if i >= row_step and hot(i, j) and hot(i - row_step, j):
+                hot_cols.append(j)
             k = (i * n_t // ny) * n_t + tcol[j]
             nbr = [float(frame[a, c]) for a, c in ((i, j - 1), (i, j + 1), (i - 1, j), (i + 1, j))
                    if 0 <= a < ny and 0 <= c < nx]
             satc = sat > 0 and v >= sat and any(sat / 4 <= x <= hi for x in nbr)
             tiles[:, k] += (1, vc, mu[b], v == 0, e0[b], vc >= mu[b] + 5 * sd[b], sat > 0 and v >= sat, satc)
+        if sampled:
+            ok = part[0] >= 32
+            rows[2, i] = max(0.0, (part[1, ok] / part[0, ok]).max()) if ok.any() else 0.0
+            rows[3, i] = longest_run(bright_cols)
+            rows[4, i] = longest_run(hot_cols)
     return grid, tiles, cols, rows
+
+
+def longest_run(cols):
+    """Longest run of consecutive integers in an increasing list."""
+    best = run = 0
+    for k, j in enumerate(cols):
+        run = run + 1 if k and j == cols[k - 1] + 1 else 1
+        best = max(best, run)
+    return best
 
 
 def ref_ring_contrast(profile, radii, hw, fi, fo):
@@ -107,6 +131,7 @@ def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
     rng = np.random.default_rng(seed)
     nb = 12
     frame = rng.poisson(3.0, (ny, nx)).astype(np.float64)
+    frame[rng.random((ny, nx)) < 0.3] = 120.0  # hot (unsaturated) pixels, many in blocks
     frame[rng.random((ny, nx)) < 0.05] = 200.0  # saturated pixels, some in clusters
     frame[rng.random((ny, nx)) < 0.05] = 0.0
     if dtype != np.uint16:
@@ -121,8 +146,11 @@ def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
     edges = np.array([(k * nx + nt - 1) // nt for k in range(nt + 1)], dtype=np.int64)
     bx, by = rng.uniform(0, nx), rng.uniform(0, ny)
     hi = 65534.0 if dtype == np.uint16 else 1e300
-    got = F._accumulate(frame, index, mu, sd, e0, rbin, 3, edges, bx, by, 0.0, hi, 200.0, row_step, inner, 3)
-    want = ref_accumulate(frame, index, mu, sd, e0, rbin, 3, edges, bx, by, 0.0, hi, 200.0, row_step, inner)
+    tab = np.stack([mu, mu + 5 * sd, 1 / sd, e0, mu + np.maximum(F.HOT_SIGMA * sd, F.HOT_MIN_COUNTS)], axis=1)
+    seg, row_ptr = F._row_segments(index, nb, rbin, edges, bx, by, row_step)
+    got = F._accumulate(frame, index, tab, rbin, 3, seg, row_ptr, nt, bx, by, 0.0, hi, 200.0, row_step, inner, 3)
+    want = ref_accumulate(frame, index, mu, sd, e0, rbin, 3, edges, bx, by, 0.0, hi, 200.0, row_step, inner,
+                          F.HOT_SIGMA, F.HOT_MIN_COUNTS)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
 
@@ -238,6 +266,34 @@ def test_features_respond_to_anomalies():
     assert ice[idx["ice_significance_max"]] > normal[idx["ice_significance_max"]] + 1.0
     assert dead[idx["tile_zero_excess_max"]] > normal[idx["tile_zero_excess_max"]] + 0.3
     assert beam[idx["log_saturated_clustered"]] > 1.0 == normal[idx["log_saturated_clustered"]] + 1.0
+
+
+def test_hot_cluster_and_clear_peak_features():
+    idx = {n: i for i, n in enumerate(F.FEATURE_NAMES)}
+    base = dict(layout="1m", seed=11, background=4.0)
+    normal = F.frame_features(*_fg(simulate(**base)))
+    hot = F.frame_features(*_fg(simulate(**base, hot_cluster=True)))
+    blank = F.frame_features(*_fg(simulate(**base, crystal=False)))
+    # a hot-pixel cluster is a 2-D block of hot pixels; Bragg spots are not
+    k = idx["log2_hot_block_excess"]
+    assert normal[k] == 0.0 and hot[k] > 0.0
+    # a crystal gives many clear peaks, an empty beam almost none
+    k = idx["log_clear_peaks"]
+    assert normal[k] > 2.0 and blank[k] < 1.0
+    assert 0.0 <= normal[idx["clear_peak_azimuth_r1"]] < 0.2
+
+
+def test_dead_stripe_in_a_row_is_seen_in_its_tile():
+    # a zero-reading stripe across one module's rows: every sampled row in it
+    # is all zeros over the module, so a tile's part of the row is too
+    idx = {n: i for i, n in enumerate(F.FEATURE_NAMES)}
+    sf = simulate(layout="1m", seed=11, background=4.0)
+    frame = sf.frame.copy()
+    frame[400:416, 0:500] = np.where(frame[400:416, 0:500] >= 0, 0, frame[400:416, 0:500])
+    normal = F.frame_features(sf.frame, sf.geometry)
+    dead = F.frame_features(frame, sf.geometry)
+    k = idx["row_zero_excess_max"]
+    assert dead[k] > 0.9 and dead[k] > normal[k] + 0.2
 
 
 def test_ice_search_tolerates_a_wrong_beam_centre():
