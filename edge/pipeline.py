@@ -24,6 +24,7 @@ the frame's ``t_source`` (frame in) to the command's first write on the port
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue
@@ -452,6 +453,23 @@ class Pipeline:
             record["phase"] = meta.info["phase"]
         return record
 
+    def _prime(self) -> None:
+        """Build the per-geometry tables (radial bins, feature row runs) on a
+        dark frame before acquisition starts, so the first real frames are not
+        late by tens of ms. A source whose geometry is not known before its
+        first frame is primed by that frame instead."""
+        geom = getattr(self.source, "geometry", None)
+        if not isinstance(geom, Geometry):
+            return
+        g = self._geometry(geom)
+        dark = np.zeros(g.shape, dtype=np.int32)
+        stats = radial_stats(dark, geometry=g)
+        peaks = find_peaks(dark, geometry=g, stats=stats, **self.peak_params)
+        if self.model is not None:
+            from .features import frame_features
+
+            frame_features(dark, g, stats=stats, peaks=peaks)
+
     # ------------------------------------------------------------ run
     def run(self, *, max_frames: int | None = None, duration: float | None = None) -> RunSummary:
         """Run until the source ends, ``max_frames`` are processed or ``duration`` (s) passes.
@@ -464,6 +482,12 @@ class Pipeline:
         """
         # other Python threads (acquisition, serial link) hand the GIL back
         # within 1 ms instead of the default 5 ms
+        self._prime()
+        # Everything alive now (modules, compiled kernels, the model) is moved
+        # out of the collector's sight: a full collection scanning it held
+        # the GIL for ~15 ms mid-run and stalled acquisition.
+        gc.collect()
+        gc.freeze()
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, 0.001))
         acq = threading.Thread(target=self._acquire, name="edge-acquisition", daemon=True)
@@ -504,6 +528,7 @@ class Pipeline:
             elapsed = time.perf_counter() - t0
             self._log.close()
             sys.setswitchinterval(switch)
+            gc.unfreeze()
         if self._acq_error is not None:
             raise self._acq_error
         return self.summary(elapsed)

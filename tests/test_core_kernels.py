@@ -148,6 +148,26 @@ def test_seed_kernel_matches_box_sum_reference(data):
     np.testing.assert_array_equal(np.sort(seeds), _ref_seeds(frame, th, 0.0, hi))
 
 
+@given(frames())
+@SETTINGS
+def test_seed_kernel_integer_pass_equals_float_pass(data):
+    # raw integer frames take an integer-only first pass; it must pick exactly
+    # the pixels the float test picks, also when a threshold is an integer
+    frame, index, ncell, rng = data
+    if frame.dtype.kind not in "iu":
+        return
+    th = _random_thresholds(index, ncell, rng)
+    th = sfm.Thresholds(th.index, th.mean, th.var, th.grow, np.floor(th.peak) + rng.integers(0, 2, ncell) * 0.5,
+                        th.seed_sigma, th.seed_skew)
+    hi = _hi_valid(frame)
+    ipeak, ihi = sfm._integer_peak_table(frame, th, 0.0, hi)
+    assert len(ipeak) == 1 << 16
+    args = (frame, th.index, th.mean, th.var, th.peak, th.seed_sigma, th.seed_skew, 0.0, hi, 4096, 2)
+    fast, _ = sfm._seed_kernel(*args, ipeak, ihi)
+    slow, _ = sfm._seed_kernel(*args, sfm._NO_TABLE, 0)
+    np.testing.assert_array_equal(np.sort(fast), np.sort(slow))
+
+
 def test_seed_kernel_reports_overflow():
     rng = np.random.default_rng(0)
     frame = rng.poisson(1000, (20, 20)).astype(np.int32)
