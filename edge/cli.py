@@ -217,8 +217,8 @@ def cmd_info(args) -> int:
     print(f"numba threads:  {numba.get_num_threads()} (layer {numba.threading_layer()}; set NUMBA_NUM_THREADS)")
     import os
 
-    wait = os.environ.get("OMP_WAIT_POLICY") or "runtime default (spin briefly, then sleep)"
-    print(f"OpenMP wait:    {wait}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT') or 'default'}")
+    wait = os.environ.get("OMP_WAIT_POLICY") or "unset (spin GOMP_SPINCOUNT times, then sleep)"
+    print(f"OpenMP wait:    OMP_WAIT_POLICY {wait}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT') or 'default'}")
     try:
         from .anomaly import AnomalyModel, _interpreter_class
 
