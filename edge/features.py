@@ -916,8 +916,7 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
             out[k + 4] = float(np.mean(npix[clear] >= 50))
             # fakes pile up on one side of a misplaced beam and on ice rings;
             # Bragg spots spread around the centre and across resolution
-            bx_, by_ = geometry.beam_center
-            phi = np.arctan2(np.asarray(peaks.y)[clear] - by_, np.asarray(peaks.x)[clear] - bx_)
+            phi = np.arctan2(np.asarray(peaks.y)[clear] - by, np.asarray(peaks.x)[clear] - bx)
             out[k + 5] = float(np.hypot(np.cos(phi).mean(), np.sin(phi).mean()))
             d = np.asarray(peaks.d)[clear]
             near_ice = np.abs(d[:, None] / ICE_LINES_A[None, :] - 1.0).min(axis=1) < ICE_PEAK_REL

@@ -480,14 +480,14 @@ class Pipeline:
             Whatever the source raised (e.g. :class:`edge.sources.SourceError`
             for a truncated file), after the frames before it were processed.
         """
-        # other Python threads (acquisition, serial link) hand the GIL back
-        # within 1 ms instead of the default 5 ms
         self._prime()
         # Everything alive now (modules, compiled kernels, the model) is moved
         # out of the collector's sight: a full collection scanning it held
         # the GIL for ~15 ms mid-run and stalled acquisition.
         gc.collect()
         gc.freeze()
+        # other Python threads (acquisition, serial link) hand the GIL back
+        # within 1 ms instead of the default 5 ms
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, 0.001))
         acq = threading.Thread(target=self._acquire, name="edge-acquisition", daemon=True)
