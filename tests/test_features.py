@@ -17,9 +17,28 @@ from edge.sim import simulate
 # ---------------------------------------------------------------------------
 # NumPy references
 # ---------------------------------------------------------------------------
-def ref_sector(dx, dy):
+def ref_sector(dx, dy, n=8):
+    """Sector 0..n-1 of the direction (dx, dy), counter-clockwise from +x (atan2)."""
     a = math.atan2(dy, dx) % (2 * math.pi)
-    return int(a // (math.pi / 4)) % 8
+    return int(a // (2 * math.pi / n)) % n
+
+
+def ref_sector16(dx, dy):
+    return ref_sector(dx, dy, 16)
+
+
+def check_sector(k, dx, dy, n):
+    """``k`` is the sector of (dx, dy) out of ``n``; on a boundary rounding may pick either side."""
+    if dx == 0.0 and dy == 0.0:  # the centre itself (signed zeros): any sector
+        assert 0 <= k < n
+        return
+    ref = ref_sector(dx, dy, n)
+    a = math.atan2(dy, dx) % (2 * math.pi)
+    frac = a / (2 * math.pi / n) - round(a / (2 * math.pi / n))
+    if abs(frac) > 1e-9:
+        assert k == ref
+    else:
+        assert k in (ref, (ref - 1) % n, (ref + 1) % n)
 
 
 def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, hi, sat, row_step, inner,
@@ -108,18 +127,7 @@ def ref_ring_contrast(profile, radii, hw, fi, fo):
 # ---------------------------------------------------------------------------
 @given(st.floats(-50, 50), st.floats(-50, 50))
 def test_sector_matches_atan2(dx, dy):
-    # on an octant boundary (axes, diagonals) rounding may pick either side
-    k = F._sector(dx, dy)
-    if dx == 0.0 and dy == 0.0:  # the centre itself (signed zeros): any sector
-        assert 0 <= k < 8
-        return
-    ref = ref_sector(dx, dy)
-    a = math.atan2(dy, dx) % (2 * math.pi)
-    frac = a / (math.pi / 4) - round(a / (math.pi / 4))
-    if abs(frac) > 1e-9:
-        assert k == ref
-    else:
-        assert k in (ref, (ref - 1) % 8, (ref + 1) % 8)
+    check_sector(F._sector(dx, dy), dx, dy, 8)
 
 
 @settings(max_examples=40, deadline=None)
@@ -155,24 +163,9 @@ def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
 
 
-def ref_sector16(dx, dy):
-    a = math.atan2(dy, dx) % (2 * math.pi)
-    return int(a // (math.pi / 8)) % 16
-
-
 @given(st.floats(-50, 50), st.floats(-50, 50))
 def test_sector16_matches_atan2(dx, dy):
-    k = F._sector16(dx, dy)
-    if dx == 0.0 and dy == 0.0:  # the centre itself (signed zeros): any sector
-        assert 0 <= k < 16
-        return
-    ref = ref_sector16(dx, dy)
-    a = math.atan2(dy, dx) % (2 * math.pi)
-    frac = a / (math.pi / 8) - round(a / (math.pi / 8))
-    if abs(frac) > 1e-9:
-        assert k == ref
-    else:  # on a sector boundary rounding may pick either side
-        assert k in (ref, (ref - 1) % 16, (ref + 1) % 16)
+    check_sector(F._sector16(dx, dy), dx, dy, 16)
 
 
 def ref_sector_profiles(frame, index, mu, sd, bx, by, b_lo, b_hi, lo, hi, row_step):
