@@ -207,7 +207,7 @@ def test_rate_validation():
 # -- CBF replay -------------------------------------------------------------------------
 def test_real_cbf_replay_with_header_geometry():
     needs_real_frames()
-    with open_source(str(REAL_FRAMES), rate_hz="file") as src:
+    with open_source(str(REAL_FRAMES / "thau_3_2_*.cbf.bz2"), rate_hz="file") as src:
         assert isinstance(src, CbfSource) and src.n_frames == 4
         assert src.frame_time == pytest.approx(0.02) and src.rate_hz == pytest.approx(50.0)
         g = src.geometry

@@ -1,0 +1,220 @@
+"""The frame-source interface: :class:`FrameSource`, :class:`FrameMeta`, :class:`SourceError`.
+
+Pacing (``rate_hz``): frame ``k`` is due at ``t0 + k / rate_hz``; the source
+sleeps until then, emits and stamps ``meta.t_source``. A consumer that is late
+by less than one period gets the next frame at once (the schedule keeps its
+average rate). One that is late by more than a period makes the source
+re-anchor the schedule at the current time: frames are never emitted
+back-to-back to catch up, the rate simply drops, and ``source.stats``
+counts the ``late`` frames and ``reanchors``.
+
+Frames are read (or simulated) *before* waiting for their slot, so reading
+does not delay emission when it is faster than the rate. Frames from the
+simulator pool and from ``preload=True`` are shared between emissions: treat
+them as read-only (``copy=True`` gives each emission its own array).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..geometry import Geometry
+
+__all__ = ["FrameMeta", "FrameSource", "SourceError"]
+
+
+class SourceError(ValueError):
+    """A frame source cannot be opened or a frame cannot be read.
+
+    Attributes
+    ----------
+    path : str or None
+        The file concerned.
+    frame : int or None
+        Frame number in the source (or in the file, as the message says).
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, frame: int | None = None):
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+        self.frame = frame
+
+
+@dataclass
+class FrameMeta:
+    """What a source knows about one emitted frame.
+
+    Attributes
+    ----------
+    index : int
+        Frame number in the source (counts on across ``loop`` passes).
+    t_source : float
+        ``time.perf_counter()`` (s) when the frame was emitted: frame-in time
+        for latency measurements.
+    geometry : Geometry
+        Detector geometry (the same object for every frame of a source).
+    source : str
+        Source description, e.g. ``"sim:1m"``, ``"scenario:default:1m"`` or a path.
+    truth : frozenset of str
+        Scenario ground truth: anomaly labels active at this frame (sim only).
+    info : dict
+        Extras, e.g. ``phase``, ``beam_offset_px`` (true beam minus geometry
+        centre, px), ``fault_regions``, ``path``, ``frame_in_file``,
+        ``exposure_s``, ``frame_time_s``.
+    """
+
+    index: int
+    t_source: float
+    geometry: Geometry
+    source: str
+    truth: frozenset[str] = frozenset()
+    info: dict = field(default_factory=dict)
+
+
+class FrameSource:
+    """Base class: pacing, frame count, looping and the iteration protocol.
+
+    Subclasses set :attr:`geometry`, :attr:`frame_time` and :attr:`name` and
+    implement :meth:`_length` (frames in one pass, None = endless) and
+    :meth:`_read` (random access to frame ``k`` of a pass).
+
+    Parameters
+    ----------
+    rate_hz : float, optional
+        Emit at this rate (Hz); None = as fast as the consumer takes frames.
+    n_frames : int, optional
+        Stop after this many frames (None = the whole source, or forever
+        when ``loop`` is set or the source is endless).
+    loop : bool
+        Replay a finite source from the start when it ends.
+    preload : bool
+        Read every frame into memory before the first one is emitted.
+    copy : bool
+        Emit a fresh copy of each frame (the consumer may then modify it).
+    """
+
+    geometry: Geometry
+    frame_time: float | None = None
+    name: str = "source"
+
+    def __init__(self, *, rate_hz: float | None = None, n_frames: int | None = None, loop: bool = False,
+                 preload: bool = False, copy: bool = False) -> None:
+        if rate_hz is not None:
+            if isinstance(rate_hz, bool) or not isinstance(rate_hz, (int, float)) \
+                    or not math.isfinite(rate_hz) or rate_hz <= 0:
+                raise SourceError(f"rate_hz must be a positive number of frames per second, None or 'file', "
+                                  f"got {rate_hz!r}")
+            rate_hz = float(rate_hz)
+        if n_frames is not None and (isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 0):
+            raise SourceError(f"n_frames must be a non-negative integer or None, got {n_frames!r}")
+        self.rate_hz = rate_hz
+        self._cap = n_frames
+        self.loop = bool(loop)
+        self.preload = bool(preload)
+        self.copy = bool(copy)
+        self._preloaded: list | None = None
+        self._closed = False
+        #: Pacing counters of the last iteration: frames emitted late, schedule re-anchors.
+        self.stats = {"emitted": 0, "late": 0, "reanchors": 0}
+
+    # -- to implement ------------------------------------------------------------
+    def _length(self) -> int | None:
+        raise NotImplementedError
+
+    def _read(self, k: int) -> tuple[np.ndarray, dict, frozenset]:
+        """Frame ``k`` of one pass: ``(frame, info, truth)``; raise SourceError on failure."""
+        raise NotImplementedError
+
+    # -- public ------------------------------------------------------------------
+    @property
+    def n_frames(self) -> int | None:
+        """Frames one iteration emits (None = endless)."""
+        length = self._length()
+        if length is None or (self.loop and length > 0):
+            return self._cap
+        return length if self._cap is None else min(self._cap, length)
+
+    def prepare(self) -> None:
+        """Do the slow start-up work now (pool simulation, preloading).
+
+        Called automatically before the first frame; call it yourself to
+        keep it out of a measured run.
+        """
+        self._check_open()
+        if self.preload and self._preloaded is None:
+            length = self._length()
+            if length is None:
+                length = self._cap
+                if length is None:
+                    raise SourceError(f"{self.name}: preload=True needs a finite source (set n_frames)")
+            elif self._cap is not None and not self.loop:
+                length = min(length, self._cap)
+            self._preloaded = [self._read(k) for k in range(length)]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        self.prepare()
+        length = self._length()
+        if length is None and self._preloaded is not None:
+            length = len(self._preloaded)  # endless simulator: n_frames distinct frames were preloaded
+        total = self.n_frames
+        if length == 0:
+            return
+        period = None if self.rate_hz is None else 1.0 / self.rate_hz
+        self.stats = {"emitted": 0, "late": 0, "reanchors": 0}
+        due = None
+        k = 0
+        while total is None or k < total:
+            self._check_open()
+            j = k if length is None else k % length
+            if self._preloaded is not None:
+                frame, info, truth = self._preloaded[j]
+                info = dict(info)
+            else:
+                frame, info, truth = self._read(j)
+            if self.copy:
+                frame = frame.copy()
+            if length is not None and self.loop:
+                info["pass"] = k // length
+            if period is not None:
+                now = time.perf_counter()
+                if due is None:
+                    due = now
+                elif now < due:
+                    time.sleep(due - now)
+                elif now - due > period:
+                    # more than one period behind: drop the backlog, never burst
+                    self.stats["reanchors"] += 1
+                    self.stats["late"] += 1
+                    due = now
+                elif now > due:
+                    self.stats["late"] += 1
+                due += period
+            t = time.perf_counter()
+            self.stats["emitted"] += 1
+            yield frame, FrameMeta(k, t, self.geometry, self.name, truth, info)
+            k += 1
+
+    def close(self) -> None:
+        """Release files and memory; further iteration raises SourceError."""
+        self._closed = True
+        self._preloaded = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SourceError(f"{self.name}: source is closed")
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name!r} n_frames={self.n_frames} rate_hz={self.rate_hz} "
+                f"frame_time={self.frame_time}>")
