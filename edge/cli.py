@@ -1,4 +1,5 @@
-"""The ``edge`` command: ``edge run``, ``edge bench``, ``edge info``, ``edge ports``."""
+"""The ``edge`` command: ``edge run``, ``edge bench``, ``edge info``, ``edge ports``,
+``edge view``, ``edge report``."""
 
 from __future__ import annotations
 
@@ -120,12 +121,22 @@ def cmd_run(args) -> int:
             print(f"edge run: model: {exc}", file=sys.stderr)
             return 2
     results = args.results or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl")
+    header = _run_header(args, source, policy, model, results)
+    web = None
+    if args.web is not None:  # bound before the warm-up: a busy port fails at once
+        web = _start_web(args.web, "edge run", header=header, save_dir=results)
+        if web is None:
+            return 2
     print(f"edge run: source {source!r}, warming up kernels ...", file=sys.stderr)
     warmup(features=model is not None)
     if model is not None:
         model.warmup()
 
     with contextlib.ExitStack() as stack:
+        if web is not None:
+            stack.callback(web.hub.stop)
+            stack.callback(web.close)
+            stack.callback(time.sleep, 0.3)  # first: let open pages receive the run's last update
         bridge = None
         if args.dry_run:
             print("edge run: dry run: commands are validated and logged, never sent", file=sys.stderr)
@@ -152,9 +163,12 @@ def cmd_run(args) -> int:
             state = bridge.state()
             if state is not None:
                 policy.on_ack(state)
+            if web is not None:
+                web.hub.state_source = bridge.state
         status = _Status(sys.stderr, args.quiet)
         pipe = Pipeline(source, model=model, policy=policy, bridge=bridge, results=results,
-                        queue_size=args.queue_size, on_frame=status)
+                        queue_size=args.queue_size, on_frame=status, header=header,
+                        observer=None if web is None else web.hub)
         status.pipe = pipe
         try:
             summary = pipe.run(max_frames=args.frames, duration=args.duration)
@@ -167,8 +181,90 @@ def cmd_run(args) -> int:
             return 1
         finally:
             source.close()
+            if web is not None:
+                web.hub.end()
         status.end()
+        if web is not None and args.web_keep:
+            print(f"edge run: run finished; the live view stays at {web.url} until Ctrl-C", file=sys.stderr)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(1.0)
     print(summary.table())
+    return 0
+
+
+def _run_header(args, source, policy, model, results) -> dict:
+    """The run's description: first line of the results file and the page's header."""
+    from . import __version__
+    from .geometry import Geometry
+
+    g = getattr(source, "geometry", None)
+    geometry = None
+    if isinstance(g, Geometry):
+        geometry = {"shape": list(g.shape), "pixel_size_mm": g.pixel_size_mm, "distance_mm": g.distance_mm,
+                    "wavelength_A": g.wavelength_A, "beam_center": list(g.beam_center), "saturation": g.saturation}
+    head = {"version": __version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "t_wall": time.time(),
+            "t_perf": time.perf_counter(), "source": repr(source), "geometry": geometry,
+            "policy": str(args.config) if args.config else "edge/policy_default.toml (shipped)",
+            "limits": str(args.limits) if args.limits else "firmware_bridge/limits.toml (shipped)",
+            "dry_run": bool(args.dry_run or getattr(policy, "dry_run", False)),
+            "port": "none (dry run)" if args.dry_run else (args.port or "built-in instrument emulator (pty)"),
+            "results": str(results)}
+    if model is not None:
+        head["classes"] = list(model.classes)
+        head["thresholds"] = {c: float(t) for c, t in zip(model.classes, model.thresholds)}
+    return head
+
+
+def _start_web(bind: str, who: str, *, header: dict | None = None, save_dir=None, follow=None):
+    """Bind the read-only web view (before any warm-up); None after a one-line error."""
+    from .web import LiveHub, WebConfigError, WebServer, frames_dir, is_loopback, new_token, parse_bind
+
+    try:
+        host, port = parse_bind(bind)
+        token = None if is_loopback(host) else new_token()
+        hub = LiveHub(header, save_dir=None if save_dir is None else frames_dir(save_dir))
+        if follow is not None:
+            hub.follow(follow)
+        server = WebServer(hub, host, port, token=token)
+    except (WebConfigError, OSError) as exc:
+        print(f"{who}: --web {bind}: {exc}", file=sys.stderr)
+        return None
+    hub.start()
+    server.start()
+    print(f"{who}: live view (read-only) at {server.url}" + (" (the token is required)" if token else ""),
+          file=sys.stderr)
+    return server
+
+
+def cmd_view(args) -> int:
+    path = Path(args.results)
+    if not path.is_file():
+        print(f"edge view: no such results file: {path}", file=sys.stderr)
+        return 2
+    web = _start_web(args.web, "edge view", follow=path)
+    if web is None:
+        return 2
+    try:
+        t_end = None if args.duration is None else time.monotonic() + args.duration
+        with contextlib.suppress(KeyboardInterrupt):
+            while t_end is None or time.monotonic() < t_end:
+                time.sleep(0.2)
+    finally:
+        web.close()
+        web.hub.stop()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .web import write_report
+
+    path = Path(args.results)
+    if not path.is_file():
+        print(f"edge report: no such results file: {path}", file=sys.stderr)
+        return 2
+    out = write_report(path, args.out, max_images=args.max_images)
+    print(f"edge report: wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained; opens without network)")
     return 0
 
 
@@ -276,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--emulator-attenuation", type=int, default=4,
                    help="built-in emulator: attenuator level set before the run (default 4)")
     r.add_argument("--quiet", action="store_true", help="no live status line")
+    r.add_argument("--web", metavar="[HOST:]PORT", default=None,
+                   help="serve the read-only live view (default host 127.0.0.1; any other host gets an access "
+                        "token, printed with the URL)")
+    r.add_argument("--web-keep", action="store_true", help="keep serving the live view after the run until Ctrl-C")
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
@@ -287,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-model", action="store_true")
     b.add_argument("--out", default="runs/latency", help="output path stem (.json and .md are written)")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("view", help="serve the live view of a recorded (or still running) run",
+                       description="Serve the read-only web page for a results file: plots, command log, header, "
+                                   "and the frames the run's live view saved.")
+    v.add_argument("results", help="runs/run-<time>.jsonl")
+    v.add_argument("--web", metavar="[HOST:]PORT", default="127.0.0.1:8080",
+                   help="address (default 127.0.0.1:8080; any other host gets an access token)")
+    v.add_argument("--duration", type=float, default=None, help="stop serving after this many seconds")
+    v.set_defaults(func=cmd_view)
+    rp = sub.add_parser("report", help="write one self-contained HTML report of a run")
+    rp.add_argument("results", help="runs/run-<time>.jsonl")
+    rp.add_argument("-o", "--out", default="report.html", help="output HTML file (default report.html)")
+    rp.add_argument("--max-images", type=_positive_int, default=24, help="saved frames to embed (default 24)")
+    rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("info", help="versions, model runtime, Numba threading, CPU")
     i.set_defaults(func=cmd_info)

@@ -181,8 +181,9 @@ class RunSummary:
 class _JsonLines:
     """Thread-safe JSON Lines writer (or a no-op without a path)."""
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    def __init__(self, path: str | os.PathLike | None, tee: Callable[[dict], None] | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self._tee = tee
         self._fh = None
         self._lock = threading.Lock()
         if self.path is not None:
@@ -190,6 +191,8 @@ class _JsonLines:
             self._fh = open(self.path, "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
+        if self._tee is not None:
+            self._tee(record)
         if self._fh is None:
             return
         line = json.dumps(record, default=_json_default, separators=(",", ":"))
@@ -253,13 +256,20 @@ class Pipeline:
     measure_every : int
         Re-measure the beam offset / dead regions at most every this many
         frames while the flag persists (reuse the last value in between).
+    observer : object, optional
+        Watches the run without slowing it (the live web view,
+        :class:`edge.web.LiveHub`): ``observer.record(rec)`` receives every
+        record as it is logged (any thread) and ``observer.frame(frame, record,
+        peaks, geometry)`` the processed frame; both must only store references.
+    header : dict, optional
+        Run description written as the first JSON line (``{"type": "run", ...}``).
     """
 
     def __init__(self, source, *, model=None, policy: Policy | None = None, bridge=None,
                  results: str | os.PathLike | None = None, queue_size: int = 4,
                  command_queue_size: int = 32, peak_params: dict | None = None,
                  on_frame: Callable[[dict], None] | None = None, block_source: bool | None = None,
-                 measure_every: int = 10) -> None:
+                 measure_every: int = 10, observer=None, header: dict | None = None) -> None:
         self.source = source
         self.measure_every = max(1, int(measure_every))
         self._measurements: dict[str, tuple[int, Any]] = {}
@@ -269,7 +279,10 @@ class Pipeline:
         self.bridge = bridge
         self.peak_params = dict(peak_params or {})
         self.on_frame = on_frame
-        self._log = _JsonLines(results)
+        self.observer = observer
+        self._log = _JsonLines(results, tee=None if observer is None else observer.record)
+        if header is not None:
+            self._log.write({"type": "run", **header})
         self._frames = DropOldestQueue(queue_size, on_drop=self._frame_dropped)
         self._commands: queue.Queue = queue.Queue(maxsize=command_queue_size)
         self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # acks back to the policy
@@ -429,6 +442,7 @@ class Pipeline:
                         self.command_records.append(rec)
                     self._log.write(rec)
         t_end = time.perf_counter()
+        bg = stats.mean[np.isfinite(stats.mean)]
         ms = 1e3
         record = {
             "type": "frame", "frame": meta.index, "t_source": meta.t_source,
@@ -440,6 +454,7 @@ class Pipeline:
             "latency_ms": (t_end - meta.t_source) * ms,
             "n_peaks": len(peaks),
             "median_snr": median_snr,
+            "background": float(np.median(bg)) if bg.size else None,  # counts/pixel, median over rings
             "n_saturated_peaks": int(peaks.saturated.sum()),
             "flags": list(flags),
             "probabilities": {k: round(float(v), 4) for k, v in probs.items()},
@@ -451,6 +466,8 @@ class Pipeline:
             record["truth"] = sorted(meta.truth)
         if "phase" in meta.info:
             record["phase"] = meta.info["phase"]
+        if self.observer is not None:  # references only: the observer encodes on its own thread
+            self.observer.frame(frame, record, peaks, geom)
         return record
 
     def _prime(self) -> None:

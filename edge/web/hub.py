@@ -1,0 +1,349 @@
+"""The hub between the loop and the browsers.
+
+The pipeline hands the hub references only (:meth:`LiveHub.record` appends a
+record to a deque, :meth:`LiveHub.frame` replaces one tuple). The hub's own
+thread turns them, at bounded rates, into pre-encoded Server-Sent Events that
+every client thread just writes out: data updates at most ``update_hz`` per
+second, frame images at most ``image_hz``. A client that reads slowly or
+vanishes only loses events (it gets a fresh snapshot when it fell too far
+behind); nothing it does reaches the processing thread.
+
+The same hub replays a finished run (:meth:`LiveHub.follow` tails a JSON Lines
+results file, also one still being written) and provides the snapshot that
+``edge report`` embeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from .imaging import frame_view
+
+__all__ = ["LiveHub", "frames_dir", "read_records"]
+
+#: Frame-record fields the page uses (the rest stays in the JSONL).
+_FRAME_KEYS = ("frame", "t_source", "n_peaks", "median_snr", "background", "latency_ms", "queue_ms",
+               "stages_ms", "flags", "probabilities", "actions", "phase", "truth", "beam_offset_px",
+               "n_saturated_peaks")
+
+
+def frames_dir(results: str | Path) -> Path:
+    """Directory beside a results file where the live view saves frame images."""
+    p = Path(results)
+    return p.with_name(p.stem + ".frames")
+
+
+def read_records(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete JSON lines of a results file from byte ``offset``.
+
+    Returns the records and the offset after the last complete line (a line
+    still being written, or a corrupt one, is skipped, never fatal).
+    """
+    out = []
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read()
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out, offset + end
+
+
+def _clean(o: Any):
+    """JSON-safe copy: NaN/inf -> None (browsers reject them in JSON)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if hasattr(o, "to_dict"):
+        return _clean(o.to_dict())
+    if hasattr(o, "item"):  # numpy scalars
+        return _clean(o.item())
+    return o
+
+
+def sse(event: str, data: dict) -> bytes:
+    """One Server-Sent Event, encoded."""
+    return f"event: {event}\ndata: {json.dumps(_clean(data), separators=(',', ':'))}\n\n".encode()
+
+
+class LiveHub:
+    """Collects a run's records and frames and serves them as events.
+
+    Parameters
+    ----------
+    header : dict, optional
+        Run description (version, source, geometry, policy, limits, mode);
+        a ``{"type": "run"}`` record seen later replaces it.
+    state : callable, optional
+        Returns the instrument state (``DeviceState`` or dict) or None; polled
+        from the hub thread (e.g. ``bridge.state``, which reads a cache).
+    history : int
+        Frame records kept for a new client's snapshot.
+    update_hz, image_hz : float
+        Highest rates of data updates and frame images.
+    save_dir : path, optional
+        Save an encoded frame here at most every ``save_every_s`` seconds
+        (and the first frame of each new set of flags), for ``edge view``.
+    max_saved : int
+        Stop saving after this many frames.
+    """
+
+    def __init__(self, header: dict | None = None, *, state: Callable[[], Any] | None = None,
+                 history: int = 3000, update_hz: float = 10.0, image_hz: float = 5.0,
+                 save_dir: str | Path | None = None, save_every_s: float = 2.0, max_saved: int = 1000,
+                 image_size: int = 768) -> None:
+        self.header = dict(header or {})
+        self.state_source = state
+        self._update_dt = 1.0 / float(update_hz)
+        self._image_dt = 1.0 / float(image_hz)
+        self._image_size = int(image_size)
+        self._save_dir = None if save_dir is None else Path(save_dir)
+        self._save_every = float(save_every_s)
+        self._max_saved = int(max_saved)
+        self._saved: list[int] = []
+        self._t_saved = -math.inf
+        self._last_flags: tuple = ()
+        # handed over by the pipeline (any thread)
+        self._inbox: deque = deque(maxlen=100_000)
+        self._latest: tuple | None = None
+        # owned by the hub thread, read by clients under the lock
+        self._cv = threading.Condition()
+        self._frames: deque = deque(maxlen=int(history))
+        self._by_frame: dict[int, dict] = {}
+        self._commands: deque = deque(maxlen=5000)
+        self._drops: deque = deque(maxlen=int(history))
+        self.dropped = 0
+        self.errors = 0
+        self._state: dict | None = None
+        self._ended = False
+        self.seq = 0
+        self._events: deque = deque(maxlen=256)  # (seq, encoded update)
+        self.image_version = 0
+        self._image: dict | None = None
+        self._image_event = b""
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._follow: tuple[Path, int] | None = None
+        self._mode = "live"
+
+    # ------------------------------------------------------------ pipeline side (references only)
+    def record(self, rec: dict) -> None:
+        """Take a logged record (called from any pipeline thread)."""
+        self._inbox.append(rec)
+
+    def frame(self, frame, record: dict, peaks, geometry) -> None:
+        """Take the latest processed frame (called from the processing thread)."""
+        self._latest = (frame, record, peaks, geometry)
+
+    def end(self) -> None:
+        """Mark the run as finished (the page says so)."""
+        self._inbox.append({"type": "end"})
+
+    # ------------------------------------------------------------ replay
+    def follow(self, path: str | Path) -> "LiveHub":
+        """Replay a results file, then keep reading lines appended to it."""
+        self._mode = "replay"
+        self._follow = (Path(path), 0)
+        self._poll_file()
+        d = frames_dir(path)
+        if d.is_dir():
+            self._saved = sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
+            if self._saved:
+                img = json.loads((d / f"{self._saved[-1]}.json").read_text())
+                self._set_image(img)
+        self._drain()
+        return self
+
+    def _poll_file(self) -> None:
+        if self._follow is None:
+            return
+        path, off = self._follow
+        try:
+            recs, off = read_records(path, off)
+        except OSError:
+            return
+        self._follow = (path, off)
+        self._inbox.extend(recs)
+
+    def saved_frame(self, index: int) -> dict | None:
+        """A saved frame image (live or replay), or None."""
+        base = self._save_dir if self._save_dir is not None else (
+            frames_dir(self._follow[0]) if self._follow else None)
+        if base is None or index not in self._saved:
+            return None
+        try:
+            return json.loads((base / f"{index}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # ------------------------------------------------------------ hub thread
+    def start(self) -> "LiveHub":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="edge-web-hub", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._cv:
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        t_image = 0.0
+        latest_done = None
+        while not self._stop.wait(self._update_dt):
+            try:
+                self._poll_file()
+                self._drain()
+                now = time.monotonic()
+                latest = self._latest
+                if latest is not None and latest is not latest_done and now - t_image >= self._image_dt:
+                    latest_done, t_image = latest, now
+                    self._encode(*latest)
+            except Exception as exc:  # the view must never take the run down
+                self.errors += 1
+                self.header.setdefault("web_errors", []).append(f"{type(exc).__name__}: {exc}")
+
+    def _encode(self, frame, record, peaks, geometry) -> None:
+        img = frame_view(frame, geometry, peaks, max_size=self._image_size)
+        if not self.header.get("geometry"):  # file sources know it only from their first frame
+            g = geometry
+            self.header["geometry"] = {"shape": list(g.shape), "pixel_size_mm": g.pixel_size_mm,
+                                       "distance_mm": g.distance_mm, "wavelength_A": g.wavelength_A,
+                                       "beam_center": list(g.beam_center), "saturation": g.saturation}
+        img.update(frame=record["frame"], t_source=record["t_source"], n_peaks=record["n_peaks"],
+                   flags=record["flags"])
+        self._set_image(img)
+        flags = tuple(record["flags"])
+        now = time.monotonic()
+        if (self._save_dir is not None and len(self._saved) < self._max_saved
+                and (now - self._t_saved >= self._save_every or (flags and flags != self._last_flags))):
+            self._save_dir.mkdir(parents=True, exist_ok=True)
+            (self._save_dir / f"{record['frame']}.json").write_text(json.dumps(_clean(img)))
+            self._saved.append(record["frame"])
+            self._t_saved = now
+        self._last_flags = flags
+
+    def _set_image(self, img: dict) -> None:
+        ev = sse("image", img)
+        with self._cv:
+            self._image, self._image_event = img, ev
+            self.image_version += 1
+            self._cv.notify_all()
+
+    def _drain(self) -> None:
+        """Move inbox records into the history; publish one update event."""
+        frames, drops, cmds = [], [], []
+        header_changed = False
+        while True:
+            try:
+                rec = self._inbox.popleft()
+            except IndexError:
+                break
+            kind = rec.get("type")
+            if kind == "frame":
+                f = {k: rec[k] for k in _FRAME_KEYS if k in rec}
+                frames.append(f)
+            elif kind == "drop":
+                drops.append({"frame": rec.get("frame"), "t_source": rec.get("t_source")})
+            elif kind == "command":
+                cmds.append(rec)
+            elif kind == "error":
+                cmds.append({**rec, "name": "(processing error)", "status": "error"})
+            elif kind == "end":
+                self._ended = header_changed = True
+            elif kind == "run":
+                self.header.update({k: v for k, v in rec.items() if k != "type"})
+                header_changed = True
+        state = None
+        if self.state_source is not None:
+            try:
+                st = self.state_source()
+            except Exception:  # a vanished device is shown by the command log, not here
+                st = None
+            if st is not None:
+                state = _clean(st)
+                state = {**state, "source": "bridge"}
+        if state is None:
+            for c in reversed(cmds):
+                if c.get("state"):
+                    state = {**_clean(c["state"]), "source": f"ack of frame {c.get('frame')}"}
+                    break
+        with self._cv:
+            for f in frames:
+                if len(self._frames) == self._frames.maxlen:
+                    self._by_frame.pop(self._frames[0]["frame"], None)
+                self._frames.append(f)
+                self._by_frame[f["frame"]] = f
+            cmds = [self._with_evidence(c) for c in cmds]
+            self._commands.extend(cmds)
+            self._drops.extend(drops)
+            self.dropped += len(drops)
+            state_changed = state is not None and state != self._state
+            if state_changed:
+                self._state = state
+            if not (frames or drops or cmds or state_changed or header_changed):
+                return
+            upd = {"frames": frames, "drops": drops, "commands": cmds, "dropped": self.dropped,
+                   "ended": self._ended}
+            if state_changed:
+                upd["state"] = state
+            if header_changed:
+                upd["header"] = self.header
+            self.seq += 1
+            self._events.append((self.seq, sse("update", upd)))
+            self._cv.notify_all()
+
+    def _with_evidence(self, cmd: dict) -> dict:
+        """The command with the frame evidence behind it (flags, probabilities, peaks)."""
+        f = self._by_frame.get(cmd.get("frame"))
+        if f is None:
+            return cmd
+        ev = {k: f[k] for k in ("flags", "probabilities", "n_peaks", "median_snr", "beam_offset_px",
+                                "n_saturated_peaks") if k in f}
+        return {**cmd, "evidence": ev}
+
+    # ------------------------------------------------------------ client side
+    def snapshot(self) -> dict:
+        """Everything a new page needs (also what ``edge report`` embeds)."""
+        with self._cv:
+            return {"header": self.header, "mode": self._mode, "frames": list(self._frames),
+                    "drops": list(self._drops), "dropped": self.dropped, "commands": list(self._commands),
+                    "state": self._state, "ended": self._ended, "saved_frames": list(self._saved),
+                    "image": self._image, "seq": self.seq, "image_version": self.image_version}
+
+    def wait(self, seq: int, image_version: int, timeout: float) -> tuple[list[bytes] | None, bytes | None, int, int]:
+        """Block until something newer than ``seq``/``image_version`` (or timeout).
+
+        Returns ``(updates, image, seq, image_version)``; ``updates`` is None
+        when the client fell so far behind that it needs a new snapshot.
+        """
+        with self._cv:
+            self._cv.wait_for(lambda: self.seq > seq or self.image_version > image_version
+                              or self._stop.is_set(), timeout)
+            updates: list[bytes] | None = []
+            if self.seq > seq:
+                if not self._events or self._events[0][0] > seq + 1:
+                    updates = None
+                else:
+                    updates = [ev for s, ev in self._events if s > seq]
+            image = self._image_event if self.image_version > image_version else None
+            return updates, image, self.seq, self.image_version
