@@ -271,6 +271,9 @@ def cmd_report(args) -> int:
 def cmd_bench(args) -> int:
     from .latency import benchmark, to_markdown, write_results
 
+    if args.web_clients:
+        return _bench_web(args)
+
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     rates = [float(r) for r in args.rates.split(",")]
     res = benchmark(layouts, latency_rate=args.rate, n_frames=args.frames, rates=rates,
@@ -279,6 +282,24 @@ def cmd_bench(args) -> int:
     write_results(res, out.with_suffix(".json"), out.with_suffix(".md"))
     print(to_markdown(res))
     print(f"written: {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _bench_web(args) -> int:
+    import json
+
+    from .web.bench import to_markdown, web_overhead
+
+    layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    res = web_overhead(layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames,
+                       use_model=not args.no_model)
+    out = Path(args.out)
+    stem = out.with_name(out.name + "-web")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=float))
+    stem.with_suffix(".md").write_text(to_markdown(res))
+    print(to_markdown(res))
+    print(f"written: {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
     return 0
 
 
@@ -386,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=_positive_int, default=300, help="frames per run")
     b.add_argument("--no-model", action="store_true")
     b.add_argument("--out", default="runs/latency", help="output path stem (.json and .md are written)")
+    b.add_argument("--web-clients", type=_positive_int, default=None, metavar="N",
+                   help="instead: frame in -> command latency with no live view and with N connected pages "
+                        "(alternating runs; writes <out>-web.json/.md)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("view", help="serve the live view of a recorded (or still running) run",

@@ -99,7 +99,7 @@ def _source(layout: str, n_frames: int, rate_hz: float | None, seed: int = 0):
 
 
 def run_latency(layout: str = "4m", *, rate_hz: float = 50.0, n_frames: int = 300, model=None,
-                bridge=None, queue_size: int = 4, source=None) -> dict:
+                bridge=None, queue_size: int = 4, source=None, observer=None) -> dict:
     """One paced run with a probe command per frame; returns the measured figures.
 
     ``source`` (a prepared :class:`edge.sources.SimulatorSource`) is reused
@@ -108,7 +108,7 @@ def run_latency(layout: str = "4m", *, rate_hz: float = 50.0, n_frames: int = 30
     src = source if source is not None else _source(layout, n_frames, rate_hz)
     src.rate_hz = float(rate_hz)
     pipe = Pipeline(src, model=model, policy=ProbePolicy(), bridge=bridge, queue_size=queue_size,
-                    command_queue_size=max(64, n_frames))
+                    command_queue_size=max(64, n_frames), observer=observer)
     summ = pipe.run()
     t_in = [r["t_source"] for r in pipe.records]
     achieved = (len(t_in) - 1) / (max(t_in) - min(t_in)) if len(t_in) > 1 else 0.0

@@ -185,6 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not srv.clients.acquire(blocking=False):
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"too many viewers\n")
             return
+        with srv.count_lock:
+            srv.n_clients += 1
         try:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
@@ -221,6 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
                         self.wfile.write(b": keepalive\n\n")
                         idle = 0.0
         finally:
+            with srv.count_lock:
+                srv.n_clients -= 1
             srv.clients.release()
 
 
@@ -240,6 +244,8 @@ class _Server(ThreadingHTTPServer):
         self.hub = hub
         self.token = token
         self.clients = threading.BoundedSemaphore(max_clients)
+        self.count_lock = threading.Lock()
+        self.n_clients = 0
         self.closing = threading.Event()
         self.write_timeout = write_timeout
 
@@ -281,6 +287,11 @@ class WebServer:
         self.host = host
         self.port = self._srv.server_address[1]
         self._thread: threading.Thread | None = None
+
+    @property
+    def clients(self) -> int:
+        """Pages connected to the event stream now."""
+        return self._srv.n_clients
 
     @property
     def url(self) -> str:
