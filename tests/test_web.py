@@ -238,6 +238,8 @@ def _ref_block_max(frame, valid, f):
         for bx in range(out.shape[1]):
             blk = frame[by * f:(by + 1) * f, bx * f:(bx + 1) * f].astype(np.float64)
             ok = valid[by * f:(by + 1) * f, bx * f:(bx + 1) * f] & np.isfinite(blk) & (blk >= 0)
+            if frame.dtype.kind == "u":  # the dtype maximum marks gaps (EIGER)
+                ok &= blk != np.iinfo(frame.dtype).max
             if ok.any():
                 out[by, bx] = blk[ok].max()
     return out
@@ -282,3 +284,16 @@ def test_frame_view_marks_masked_blocks_peaks_and_rings():
     for ring in v["rings"]:  # labelled radius is where the resolution map has that d
         r = ring["r"]
         assert abs(float(sf.geometry.d_spacing(r)) - ring["d"]) < 1e-3 * ring["d"]  # r rounded to 0.1 px
+
+
+def test_edge_run_with_web_writes_the_header_and_serves(tmp_path, capsys):
+    results = tmp_path / "run.jsonl"
+    rc = edge_main(["run", "--source", "sim", "--frames", "20", "--rate", "max", "--no-model", "--dry-run", "--quiet",
+                    "--web", "127.0.0.1:0", "--results", str(results)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "live view (read-only) at http://127.0.0.1:" in err
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    head = lines[0]
+    assert head["type"] == "run" and head["dry_run"] is True and head["geometry"]["shape"] == [1065, 1030]
+    frames = [r for r in lines if r["type"] == "frame"]
+    assert len(frames) == 20 and all(r["background"] > 0 for r in frames)

@@ -96,7 +96,8 @@ class LiveHub:
     history : int
         Frame records kept for a new client's snapshot.
     update_hz, image_hz : float
-        Highest rates of data updates and frame images.
+        Highest rates of data updates and frame images (images also keep
+        their encoding below 10 % of one core).
     save_dir : path, optional
         Save an encoded frame here at most every ``save_every_s`` seconds
         (and the first frame of each new set of flags), for ``edge view``.
@@ -207,7 +208,7 @@ class LiveHub:
             self._cv.notify_all()
 
     def _run(self) -> None:
-        t_image = 0.0
+        t_next = 0.0
         latest_done = None
         while not self._stop.wait(self._update_dt):
             try:
@@ -215,9 +216,12 @@ class LiveHub:
                 self._drain()
                 now = time.monotonic()
                 latest = self._latest
-                if latest is not None and latest is not latest_done and now - t_image >= self._image_dt:
-                    latest_done, t_image = latest, now
+                if latest is not None and latest is not latest_done and now >= t_next:
+                    latest_done = latest
                     self._encode(*latest)
+                    # at most image_hz, and encoding busy at most 10 % of the
+                    # time (a 4M frame takes tens of ms on a small board)
+                    t_next = now + max(self._image_dt, 10.0 * (time.monotonic() - now))
             except Exception as exc:  # the view must never take the run down
                 self.errors += 1
                 self.header.setdefault("web_errors", []).append(f"{type(exc).__name__}: {exc}")
