@@ -39,9 +39,12 @@ def _with_clients(n_clients: int, bridge, run):
         while srv.clients < n_clients and time.monotonic() < t_end:
             time.sleep(0.05)
         connected = srv.clients
+        cpu0, t0 = hub.cpu_s, time.monotonic()
         res = run(hub)
+        time.sleep(0.25)  # the hub thread's CPU clock is read once per cycle
         res["web"] = {"clients": n_clients, "connected": connected, "still_connected": srv.clients,
-                      "images_encoded": hub.image_version, "updates": hub.seq}
+                      "images_encoded": hub.image_version, "updates": hub.seq,
+                      "hub_cpu_ms_per_s": 1e3 * (hub.cpu_s - cpu0) / (time.monotonic() - t0)}
         return res
     finally:
         for p in readers:
@@ -90,13 +93,15 @@ def to_markdown(result: dict) -> str:
     lines = ["# edge latency with the live view", "",
              f"{m['cpu']} ({m['machine']}, {m['cores']} cores), Python {m['python']}, {m['time']}; "
              f"{result['frames_per_run']} frames at {result['rate_hz']} Hz per run", "",
-             "| detector | pages | repeat | in -> wire p50 | p99 | max | in -> processed p99 | dropped | images sent |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| detector | pages | repeat | in -> wire p50 | p99 | max | in -> processed p99 | dropped | images sent "
+             "| view thread CPU ms/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         w = r["wire_ms"]
-        imgs = r.get("web", {}).get("images_encoded", "-")
+        web = r.get("web", {})
         lines.append(f"| {r['layout']} | {r['clients']} | {r['repeat']} | {f(w['p50'])} | {f(w['p99'])} | "
-                     f"{f(w['max'])} | {f(r['processed_ms']['p99'])} | {r['dropped']} | {imgs} |")
+                     f"{f(w['max'])} | {f(r['processed_ms']['p99'])} | {r['dropped']} | "
+                     f"{web.get('images_encoded', '-')} | {f(web.get('hub_cpu_ms_per_s'))} |")
     by = {}
     for r in result["runs"]:
         by.setdefault((r["layout"], r["clients"]), []).append(r["wire_ms"]["p99"])

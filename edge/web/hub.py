@@ -142,6 +142,7 @@ class LiveHub:
         self._stop = threading.Event()
         self._follow: tuple[Path, int] | None = None
         self._mode = "live"
+        self.cpu_s = 0.0  # CPU time used by the hub thread (encoding, events)
 
     # ------------------------------------------------------------ pipeline side (references only)
     def record(self, rec: dict) -> None:
@@ -210,7 +211,9 @@ class LiveHub:
     def _run(self) -> None:
         t_next = 0.0
         latest_done = None
+        cpu0 = time.thread_time()
         while not self._stop.wait(self._update_dt):
+            self.cpu_s = time.thread_time() - cpu0
             try:
                 self._poll_file()
                 self._drain()
@@ -321,7 +324,7 @@ class LiveHub:
         f = self._by_frame.get(cmd.get("frame"))
         if f is None:
             return cmd
-        ev = {k: f[k] for k in ("flags", "probabilities", "n_peaks", "median_snr", "beam_offset_px",
+        ev = {k: f[k] for k in ("t_source", "flags", "probabilities", "n_peaks", "median_snr", "beam_offset_px",
                                 "n_saturated_peaks") if k in f}
         return {**cmd, "evidence": ev}
 

@@ -49,9 +49,13 @@ def _pick(saved: list[int], flagged: set[int], n: int) -> list[int]:
     return sorted(set(first + rest[::step][: n - len(first)] + [saved[-1]]))
 
 
-def render_report(results: str | Path, *, max_images: int = 24) -> str:
-    """The report page for a results file, as one HTML string."""
-    hub = LiveHub(history=1_000_000).follow(results)
+def render_report(results: str | Path, *, max_images: int = 24, max_frames: int = 20_000) -> str:
+    """The report page for a results file, as one HTML string.
+
+    Plots cover the last ``max_frames`` frame records (about 8 MB of data);
+    the command log, drops and header cover the whole run.
+    """
+    hub = LiveHub(history=max_frames).follow(results)
     snap = hub.snapshot()
     flagged = {f["frame"] for f in snap["frames"] if f.get("flags")}
     images = {}

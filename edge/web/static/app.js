@@ -40,7 +40,7 @@
     $('hdr-version').textContent = h.version ? 'v' + h.version : '';
     $('hdr-source').textContent = h.source || '–';
     const g = h.geometry;
-    $('hdr-geometry').textContent = g ? `${g.shape[1]}×${g.shape[0]} px, ${g.pixel_size_mm} mm pixels, ` +
+    $('hdr-geometry').textContent = g ? `${g.shape[1]}×${g.shape[0]} px, ${+Number(g.pixel_size_mm).toPrecision(4)} mm pixels, ` +
       `distance ${fmt(g.distance_mm, 1)} mm, λ ${fmt(g.wavelength_A, 4)} Å, beam (${fmt(g.beam_center[0])}, ${fmt(g.beam_center[1])}) px` : '–';
     $('hdr-policy').textContent = h.policy || '–';
     $('hdr-limits').textContent = h.limits || '–';
@@ -379,7 +379,7 @@
     const rows = S.commands.slice(-MAXLOG).reverse().map((c) => {
       const args = c.args ? Object.entries(c.args).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ') : '';
       const what = c.status === 'mask' ? `mask rows ${c.region[0]}:${c.region[1]}, cols ${c.region[2]}:${c.region[3]}` : `${c.name}(${args})`;
-      return `<tr data-frame="${esc(c.frame)}" data-status="${esc(c.status)}"><td>${esc(c.frame)}</td><td>${esc(timeStr(S.frameT.get(c.frame), false))}</td>` +
+      return `<tr data-frame="${esc(c.frame)}" data-status="${esc(c.status)}"><td>${esc(c.frame)}</td><td>${esc(timeStr((c.evidence || {}).t_source, false))}</td>` +
         `<td>${esc(c.rule || '')}</td><td><code>${esc(what)}</code></td><td>${evidence(c)}</td>` +
         `<td class="${esc(c.status)}">${esc(outcome(c))}</td></tr>`;
     });
@@ -389,12 +389,11 @@
   }
 
   // ------------------------------------------------------------------ data in
-  S.frameT = new Map();
   function addFrames(frames) {
     for (const f of frames) {
-      S.frames.push(f); S.frameT.set(f.frame, f.t_source);
+      S.frames.push(f);
       for (const a of f.actions || []) {
-        if (a.action === 'mask') S.commands.push({ frame: f.frame, rule: a.rule, status: 'mask', region: a.region, evidence: { flags: f.flags, probabilities: f.probabilities, n_peaks: f.n_peaks, median_snr: f.median_snr } });
+        if (a.action === 'mask') S.commands.push({ frame: f.frame, rule: a.rule, status: 'mask', region: a.region, evidence: { t_source: f.t_source, flags: f.flags, probabilities: f.probabilities, n_peaks: f.n_peaks, median_snr: f.median_snr } });
       }
     }
     if (S.frames.length > MAXPTS) S.frames.splice(0, S.frames.length - MAXPTS);
@@ -402,7 +401,7 @@
 
   function applySnapshot(snap) {
     S.header = snap.header || {}; S.mode = snap.mode || 'live'; S.ended = !!snap.ended;
-    S.frames = []; S.frameT = new Map(); S.commands = [];
+    S.frames = []; S.commands = [];
     S.drops = snap.drops || []; S.dropped = snap.dropped || 0; S.state = snap.state || null;
     addFrames(snap.frames || []);
     S.commands.push(...(snap.commands || []));
