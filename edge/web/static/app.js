@@ -48,8 +48,9 @@
     $('hdr-started').textContent = h.started || '–';
     $('hdr-results').textContent = h.results || '–';
     const b = $('mode-badge');
-    if (h.dry_run === true) { b.textContent = 'DRY RUN: commands validated and logged, never sent'; b.className = 'badge dry'; }
-    else if (h.dry_run === false) { b.textContent = 'LIVE: commands go to the instrument'; b.className = 'badge live'; }
+    const past = S.mode === 'replay' || embedded;
+    if (h.dry_run === true) { b.textContent = past ? 'DRY RUN: commands were validated and logged, never sent' : 'DRY RUN: commands validated and logged, never sent'; b.className = 'badge dry'; }
+    else if (h.dry_run === false) { b.textContent = past ? 'LIVE RUN: commands went to the instrument' : 'LIVE: commands go to the instrument'; b.className = 'badge live'; }
     else { b.textContent = ''; b.className = 'badge'; }
   }
 
@@ -98,6 +99,8 @@
       const lv = new Uint8Array(im.width * im.height);
       for (let i = 0; i < lv.length; i++) lv[i] = rgba[4 * i];
       S.image = img; S.levels = { w: im.width, h: im.height, data: lv };
+      const sel = $('saved');
+      if ([...sel.options].some((o) => +o.value === img.frame)) sel.value = img.frame;
       drawImage(); drawOverlay(); frameInfo();
     };
     im.src = 'data:image/png;base64,' + img.png;
