@@ -297,3 +297,31 @@ def test_edge_run_with_web_writes_the_header_and_serves(tmp_path, capsys):
     assert head["type"] == "run" and head["dry_run"] is True and head["geometry"]["shape"] == [1065, 1030]
     frames = [r for r in lines if r["type"] == "frame"]
     assert len(frames) == 20 and all(r["background"] > 0 for r in frames)
+
+
+def test_hub_rates_are_bounded_however_fast_frames_come():
+    """Images at most image_hz, updates at most update_hz (a slower machine only means fewer)."""
+    from edge.sim import simulate
+
+    sf = simulate(layout="1m", seed=2)
+    peaks = edge.find_peaks(sf.frame, geometry=sf.geometry)
+    hub = LiveHub(image_hz=5, update_hz=10).start()
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < 1.5:
+        rec = _frame_record(i, n_peaks=len(peaks))
+        hub.record(rec)
+        hub.frame(sf.frame, rec, peaks, sf.geometry)  # a new reference every time
+        i += 1
+        time.sleep(0.001)
+    t_end = time.monotonic() + 30
+    while len(hub.snapshot()["frames"]) < i and time.monotonic() < t_end:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    hub.stop()
+    assert i > 100
+    assert 1 <= hub.image_version <= int(elapsed * 5) + 2
+    assert 1 <= hub.seq <= int(elapsed * 10) + 2
+    snap = hub.snapshot()
+    assert len(snap["frames"]) == i  # every record kept, only the pictures are sampled
+    assert snap["image"]["n_peaks"] == len(peaks) == len(snap["image"]["peaks"]["x"])
