@@ -119,6 +119,7 @@ class LiveHub:
         self._max_saved = int(max_saved)
         self._saved: list[int] = []
         self._t_saved = -math.inf
+        self._t_scan = -math.inf
         self._last_flags: tuple = ()
         # handed over by the pipeline (any thread)
         self._inbox: deque = deque(maxlen=100_000)
@@ -163,16 +164,11 @@ class LiveHub:
         self._mode = "replay"
         self._follow = (Path(path), 0)
         self._poll_file()
-        d = frames_dir(path)
-        if d.is_dir():
-            self._saved = sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
-            if self._saved:
-                img = json.loads((d / f"{self._saved[-1]}.json").read_text())
-                self._set_image(img)
         self._drain()
         return self
 
     def _poll_file(self) -> None:
+        """Replay: new lines of the results file and newly saved frames."""
         if self._follow is None:
             return
         path, off = self._follow
@@ -182,6 +178,17 @@ class LiveHub:
             return
         self._follow = (path, off)
         self._inbox.extend(recs)
+        now = time.monotonic()
+        if now - self._t_scan < 1.0:
+            return
+        self._t_scan = now
+        d = frames_dir(path)
+        saved = sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()) if d.is_dir() else []
+        if saved and saved != self._saved:
+            self._saved = saved
+            img = self.saved_frame(saved[-1])
+            if img is not None:
+                self._set_image(img)
 
     def saved_frame(self, index: int) -> dict | None:
         """A saved frame image (live or replay), or None."""
