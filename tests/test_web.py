@@ -325,3 +325,27 @@ def test_hub_rates_are_bounded_however_fast_frames_come():
     snap = hub.snapshot()
     assert len(snap["frames"]) == i  # every record kept, only the pictures are sampled
     assert snap["image"]["n_peaks"] == len(peaks) == len(snap["image"]["peaks"]["x"])
+
+
+def test_live_state_changes_are_saved_and_replayed(tmp_path):
+    """Safe state entered and left during a run: logged live, saved, logged again by edge view."""
+    states = iter([{"safe_state": False, "attenuation": 4, "shutter_open": True, "alarm_code": 0}] * 2
+                  + [{"safe_state": True, "attenuation": 15, "shutter_open": False, "alarm_code": 65535}] * 2
+                  + [{"safe_state": False, "attenuation": 15, "shutter_open": False, "alarm_code": 0}])
+    current = {}
+
+    def state():
+        current.update(next(states, current))
+        return dict(current)
+
+    results = tmp_path / "run.jsonl"
+    results.write_text("".join(json.dumps(_frame_record(i)) + "\n" for i in range(3)))
+    hub = LiveHub(state=state, save_dir=tmp_path / "run.frames")
+    for i in range(5):
+        hub.record(_frame_record(i))
+        hub._drain()  # one hub cycle, run here so the test needs no timing
+    live = [(c["status"], c["frame"]) for c in hub.snapshot()["commands"]]
+    assert live == [("safe_state", 2), ("resumed", 4)]
+    replay = LiveHub().follow(results).snapshot()
+    assert [(c["status"], c["frame"]) for c in replay["commands"]] == live
+    assert replay["state"]["safe_state"] is False and replay["state"]["attenuation"] == 15

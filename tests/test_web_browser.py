@@ -236,6 +236,8 @@ def test_safe_state_is_shown_when_the_device_enters_it(browser, artefacts, tmp_p
                     _screenshot(browser, artefacts, "safe-state.png")
                     assert "DEVICE IN SAFE STATE" in text and "attenuation 15" in text
                     assert "SAFE STATE ACTIVE" in _text(browser, "#safe-state")
+                    _wait("the safe-state entry in the log",
+                          lambda: browser.find_elements(By.CSS_SELECTOR, '#cmdlog tr[data-status="safe_state"]'))
                     assert "safe" in browser.find_element(By.TAG_NAME, "body").get_attribute("class")
             finally:
                 hub.stop()

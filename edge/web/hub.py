@@ -15,6 +15,7 @@ results file, also one still being written) and provides the snapshot that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -120,6 +121,7 @@ class LiveHub:
         self._saved: list[int] = []
         self._t_saved = -math.inf
         self._t_scan = -math.inf
+        self._state_off = 0
         self._last_flags: tuple = ()
         # handed over by the pipeline (any thread)
         self._inbox: deque = deque(maxlen=100_000)
@@ -178,6 +180,11 @@ class LiveHub:
             return
         self._follow = (path, off)
         self._inbox.extend(recs)
+        states = frames_dir(path) / "state.jsonl"
+        if states.is_file():
+            with contextlib.suppress(OSError):
+                recs, self._state_off = read_records(states, self._state_off)
+                self._inbox.extend(recs)
         now = time.monotonic()
         if now - self._t_scan < 1.0:
             return
@@ -267,6 +274,7 @@ class LiveHub:
         """Move inbox records into the history; publish one update event."""
         frames, drops, cmds = [], [], []
         header_changed = False
+        replayed: list[dict] = []
         while True:
             try:
                 rec = self._inbox.popleft()
@@ -282,6 +290,8 @@ class LiveHub:
                 cmds.append(rec)
             elif kind == "error":
                 cmds.append({**rec, "name": "(processing error)", "status": "error"})
+            elif kind == "state":  # replay: a device state change the live view saved
+                replayed.append(rec)
             elif kind == "end":
                 self._ended = header_changed = True
             elif kind == "run":
@@ -296,7 +306,7 @@ class LiveHub:
             if st is not None:
                 state = _clean(st)
                 state = {**state, "source": "bridge"}
-        if state is None:
+        if state is None and not replayed:
             for c in reversed(cmds):
                 if c.get("state"):
                     state = {**_clean(c["state"]), "source": f"ack of frame {c.get('frame')}"}
@@ -308,12 +318,19 @@ class LiveHub:
                 self._frames.append(f)
                 self._by_frame[f["frame"]] = f
             cmds = [self._with_evidence(c) for c in cmds]
+            old = self._state
+            for rec in replayed:  # in their order: each safe-state change is logged
+                cmds.extend(self._state_change(self._state, rec["state"], rec))
+                self._state = rec["state"]
+            last = frames[-1] if frames else (self._frames[-1] if self._frames else {})
+            if state is not None and state != self._state:
+                cmds.extend(self._state_change(self._state, state, last))
+                self._state = state
+            state_changed = self._state != old
+            state = self._state
             self._commands.extend(cmds)
             self._drops.extend(drops)
             self.dropped += len(drops)
-            state_changed = state is not None and state != self._state
-            if state_changed:
-                self._state = state
             if not (frames or drops or cmds or state_changed or header_changed):
                 return
             upd = {"frames": frames, "drops": drops, "commands": cmds, "dropped": self.dropped,
@@ -325,6 +342,28 @@ class LiveHub:
             self.seq += 1
             self._events.append((self.seq, sse("update", upd)))
             self._cv.notify_all()
+
+    def _state_change(self, old: dict | None, new: dict, last: dict) -> list[dict]:
+        """Log entry for the device entering / leaving its safe state (``last``:
+        the frame record it happened after); live, saves the instrument's
+        changes beside the results for ``edge view``."""
+        key = ("safe_state", "shutter_open", "attenuation", "alarm_code")
+        if old is not None and all(old.get(k) == new.get(k) for k in key):
+            return []
+        if self._save_dir is not None and self._follow is None:
+            self._save_dir.mkdir(parents=True, exist_ok=True)
+            rec = {"type": "state", "frame": last.get("frame"), "t_source": last.get("t_source"),
+                   "state": {**new, "source": "bridge (saved by the live view)"}}
+            with open(self._save_dir / "state.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(_clean(rec)) + "\n")
+        safe, was = bool(new.get("safe_state")), bool(old and old.get("safe_state"))
+        if safe == was:
+            return []
+        text = (f"device entered its safe state: shutter closed, attenuation {new.get('attenuation')}, "
+                f"alarm {new.get('alarm_code')}" if safe else "device left its safe state")
+        return [{"type": "device", "frame": last.get("frame"), "name": "(device)", "rule": "device watchdog",
+                 "status": "safe_state" if safe else "resumed", "reason": text,
+                 "evidence": {"t_source": last.get("t_source")}}]
 
     def _with_evidence(self, cmd: dict) -> dict:
         """The command with the frame evidence behind it (flags, probabilities, peaks)."""

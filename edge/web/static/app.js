@@ -336,7 +336,7 @@
     $('summary').innerHTML = [
       ['last frame', F.length ? F[F.length - 1].frame : '–'], ['dropped', S.dropped],
       ['rate', fmt(fps, 1) + ' frames/s'], ['latency p50 / p99', fmt(quant(lat, 0.5), 1) + ' / ' + fmt(quant(lat, 0.99), 1) + ' ms'],
-      ['commands', S.commands.filter((x) => x.status !== 'mask').length], ['acked', c.ok], ['not applied', c.bad],
+      ['commands', S.commands.filter((x) => x.status !== 'mask' && x.type !== 'device').length], ['acked', c.ok], ['not applied', c.bad],
       ['state', S.ended ? 'run ended' : (S.mode === 'replay' ? 'replay' : 'running')],
     ].map(([k, v]) => `<span>${esc(k)} <b>${esc(v)}</b></span>`).join('');
   }
@@ -362,6 +362,8 @@
     if (s === 'dry_run') return 'dry run: validated, not sent';
     if (s === 'no_device') return 'no device: not sent';
     if (s === 'mask') return 'masked locally (no command)';
+    if (s === 'safe_state') return 'DEVICE IN SAFE STATE';
+    if (s === 'resumed') return 'device resumed normal operation';
     if (s === 'error') return 'processing error: ' + (c.error || '');
     return s || '';
   }
@@ -381,7 +383,8 @@
   function renderLog() {
     const rows = S.commands.slice(-MAXLOG).reverse().map((c) => {
       const args = c.args ? Object.entries(c.args).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ') : '';
-      const what = c.status === 'mask' ? `mask rows ${c.region[0]}:${c.region[1]}, cols ${c.region[2]}:${c.region[3]}` : `${c.name}(${args})`;
+      const what = c.status === 'mask' ? `mask rows ${c.region[0]}:${c.region[1]}, cols ${c.region[2]}:${c.region[3]}` :
+        c.type === 'device' ? 'state change (from the device)' : `${c.name}(${args})`;
       return `<tr data-frame="${esc(c.frame)}" data-status="${esc(c.status)}"><td>${esc(c.frame)}</td><td>${esc(timeStr((c.evidence || {}).t_source, false))}</td>` +
         `<td>${esc(c.rule || '')}</td><td><code>${esc(what)}</code></td><td>${evidence(c)}</td>` +
         `<td class="${esc(c.status)}">${esc(outcome(c))}</td></tr>`;
