@@ -197,12 +197,10 @@ def _run_header(args, source, policy, model, results) -> dict:
     """The run's description: first line of the results file and the page's header."""
     from . import __version__
     from .geometry import Geometry
+    from .web import geometry_summary
 
     g = getattr(source, "geometry", None)
-    geometry = None
-    if isinstance(g, Geometry):
-        geometry = {"shape": list(g.shape), "pixel_size_mm": g.pixel_size_mm, "distance_mm": g.distance_mm,
-                    "wavelength_A": g.wavelength_A, "beam_center": list(g.beam_center), "saturation": g.saturation}
+    geometry = geometry_summary(g) if isinstance(g, Geometry) else None
     head = {"version": __version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "t_wall": time.time(),
             "t_perf": time.perf_counter(), "source": repr(source), "geometry": geometry,
             "policy": str(args.config) if args.config else "edge/policy_default.toml (shipped)",

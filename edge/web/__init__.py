@@ -8,10 +8,10 @@ Scripts and styles ship in ``edge/web/static`` (uPlot, MIT licence, vendored):
 the page never loads anything from the internet.
 """
 
-from .hub import LiveHub, frames_dir, read_records
+from .hub import LiveHub, frames_dir, geometry_summary, read_records
 from .imaging import frame_view
 from .report import render_report, write_report
 from .server import WebConfigError, WebServer, is_loopback, new_token, parse_bind
 
-__all__ = ["LiveHub", "WebServer", "WebConfigError", "frame_view", "frames_dir", "is_loopback", "new_token",
-           "parse_bind", "read_records", "render_report", "write_report"]
+__all__ = ["LiveHub", "WebServer", "WebConfigError", "frame_view", "frames_dir", "geometry_summary", "is_loopback",
+           "new_token", "parse_bind", "read_records", "render_report", "write_report"]

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .imaging import frame_view
 
-__all__ = ["LiveHub", "frames_dir", "read_records"]
+__all__ = ["LiveHub", "frames_dir", "geometry_summary", "read_records"]
 
 #: Frame-record fields the page uses (the rest stays in the JSONL).
 _FRAME_KEYS = ("frame", "t_source", "n_peaks", "median_snr", "background", "latency_ms", "queue_ms",
@@ -38,6 +38,12 @@ def frames_dir(results: str | Path) -> Path:
     """Directory beside a results file where the live view saves frame images."""
     p = Path(results)
     return p.with_name(p.stem + ".frames")
+
+
+def geometry_summary(g) -> dict:
+    """JSON-ready description of an :class:`edge.Geometry` (for the run header)."""
+    return {"shape": list(g.shape), "pixel_size_mm": g.pixel_size_mm, "distance_mm": g.distance_mm,
+            "wavelength_A": g.wavelength_A, "beam_center": list(g.beam_center), "saturation": g.saturation}
 
 
 def read_records(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
@@ -246,10 +252,7 @@ class LiveHub:
     def _encode(self, frame, record, peaks, geometry) -> None:
         img = frame_view(frame, geometry, peaks, max_size=self._image_size)
         if not self.header.get("geometry"):  # file sources know it only from their first frame
-            g = geometry
-            self.header["geometry"] = {"shape": list(g.shape), "pixel_size_mm": g.pixel_size_mm,
-                                       "distance_mm": g.distance_mm, "wavelength_A": g.wavelength_A,
-                                       "beam_center": list(g.beam_center), "saturation": g.saturation}
+            self.header["geometry"] = geometry_summary(geometry)
         img.update(frame=record["frame"], t_source=record["t_source"], n_peaks=record["n_peaks"],
                    flags=record["flags"])
         self._set_image(img)
