@@ -349,3 +349,17 @@ def test_live_state_changes_are_saved_and_replayed(tmp_path):
     replay = LiveHub().follow(results).snapshot()
     assert [(c["status"], c["frame"]) for c in replay["commands"]] == live
     assert replay["state"]["safe_state"] is False and replay["state"]["attenuation"] == 15
+
+
+def test_replay_of_a_long_run_keeps_its_header_and_every_command(tmp_path):
+    p = tmp_path / "run.jsonl"
+    with open(p, "w") as fh:
+        fh.write(json.dumps({"type": "run", "version": "long"}) + "\n")
+        for i in range(150_000):
+            fh.write(json.dumps(_frame_record(i)) + "\n")
+            if i % 10_000 == 0:
+                fh.write(json.dumps({"type": "command", "frame": i, "name": "raise_alarm", "args": {},
+                                     "rule": "r", "status": "ok"}) + "\n")
+    snap = LiveHub(history=1000).follow(p).snapshot()
+    assert snap["header"]["version"] == "long" and len(snap["commands"]) == 15
+    assert [f["frame"] for f in snap["frames"]] == list(range(149_000, 150_000))

@@ -46,16 +46,17 @@ def geometry_summary(g) -> dict:
             "wavelength_A": g.wavelength_A, "beam_center": list(g.beam_center), "saturation": g.saturation}
 
 
-def read_records(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
+def read_records(path: str | Path, offset: int = 0, max_bytes: int = -1) -> tuple[list[dict], int]:
     """Complete JSON lines of a results file from byte ``offset``.
 
-    Returns the records and the offset after the last complete line (a line
-    still being written, or a corrupt one, is skipped, never fatal).
+    Reads at most ``max_bytes`` (-1: to the end). Returns the records and
+    the offset after the last complete line (a line still being written, or a
+    corrupt one, is skipped, never fatal).
     """
     out = []
     with open(path, "rb") as fh:
         fh.seek(offset)
-        data = fh.read()
+        data = fh.read(max_bytes)
     end = data.rfind(b"\n") + 1
     for line in data[:end].splitlines():
         if not line.strip():
@@ -171,9 +172,12 @@ class LiveHub:
         """Replay a results file, then keep reading lines appended to it."""
         self._mode = "replay"
         self._follow = (Path(path), 0)
-        self._poll_file()
-        self._drain()
-        return self
+        while True:  # in chunks: a long run's file is far larger than the inbox
+            off = self._follow[1]
+            self._poll_file()
+            self._drain()
+            if self._follow[1] == off:
+                return self
 
     def _poll_file(self) -> None:
         """Replay: new lines of the results file and newly saved frames."""
@@ -181,7 +185,7 @@ class LiveHub:
             return
         path, off = self._follow
         try:
-            recs, off = read_records(path, off)
+            recs, off = read_records(path, off, max_bytes=8 << 20)
         except OSError:
             return
         self._follow = (path, off)

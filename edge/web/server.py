@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from .hub import LiveHub, sse
+from .hub import LiveHub, _clean, sse
 
 __all__ = ["WebConfigError", "WebServer", "is_loopback", "new_token", "parse_bind", "static_file"]
 
@@ -229,8 +229,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _snapshot_clean(hub: LiveHub) -> dict:
-    from .hub import _clean
-
     return _clean(hub.snapshot())
 
 
