@@ -175,7 +175,7 @@ class LiveHub:
         while True:  # in chunks: a long run's file is far larger than the inbox
             off = self._follow[1]
             self._poll_file()
-            self._drain()
+            self._drain(publish=False)  # no page yet: pages start from a snapshot
             if self._follow[1] == off:
                 return self
 
@@ -277,7 +277,7 @@ class LiveHub:
             self.image_version += 1
             self._cv.notify_all()
 
-    def _drain(self) -> None:
+    def _drain(self, publish: bool = True) -> None:
         """Move inbox records into the history; publish one update event."""
         frames, drops, cmds = [], [], []
         header_changed = False
@@ -339,6 +339,10 @@ class LiveHub:
             self._drops.extend(drops)
             self.dropped += len(drops)
             if not (frames or drops or cmds or state_changed or header_changed):
+                return
+            if not publish:
+                self._events.clear()
+                self.seq += 1  # a page that saw an older seq takes a new snapshot
                 return
             upd = {"frames": frames, "drops": drops, "commands": cmds, "dropped": self.dropped,
                    "ended": self._ended}
