@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import edge
 import firmware_bridge as fb
@@ -245,14 +247,16 @@ def _ref_block_max(frame, valid, f):
     return out
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.float32])
-@pytest.mark.parametrize("factor", [1, 2, 3, 5])
-def test_downsample_max_matches_reference(dtype, factor):
-    rng = np.random.default_rng(factor)
-    frame = rng.integers(-2, 500, size=(23, 17)).astype(dtype)
-    if dtype == np.float32:
-        frame[3, 4], frame[5, 6] = np.nan, np.inf
-    valid = rng.random((23, 17)) > 0.2
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([np.int32, np.uint16, np.uint32, np.float32, np.float64]),
+       ny=st.integers(1, 30), nx=st.integers(1, 30), factor=st.integers(1, 7), seed=st.integers(0, 2**16),
+       masked=st.floats(0.0, 1.0))
+def test_downsample_max_matches_reference(dtype, ny, nx, factor, seed, masked):
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(-2, 500, size=(ny, nx)).astype(dtype)  # -1/-2 wrap to the dtype max if unsigned
+    if np.dtype(dtype).kind == "f":
+        frame.flat[rng.integers(0, frame.size, 2)] = [np.nan, np.inf]
+    valid = rng.random((ny, nx)) >= masked
     got = downsample_max(frame, valid, factor)
     np.testing.assert_array_equal(got, _ref_block_max(frame, valid, factor))
 
