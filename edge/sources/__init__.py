@@ -13,7 +13,7 @@ truth, :mod:`edge.scenario`), a ``.cbf`` / ``.cbf.bz2`` / ``.cbf.gz`` file, a
 directory or glob of them, or an Eiger/NeXus ``*_master.h5`` file.
 
 One module per source kind: :mod:`.base` (interface, pacing), :mod:`.simulator`,
-:mod:`.cbf`, :mod:`.eiger`.
+:mod:`.cbf`, :mod:`.eiger`, :mod:`.stream`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .base import FrameMeta, FrameSource, SourceError
 from .cbf import CbfSource, is_cbf
 from .eiger import EigerSource, write_eiger_master
 from .simulator import SimulatorSource
+from .stream import StreamSource
 
 __all__ = [
     "FrameMeta",
@@ -34,6 +35,7 @@ __all__ = [
     "SimulatorSource",
     "CbfSource",
     "EigerSource",
+    "StreamSource",
     "SourceError",
     "open_source",
     "write_eiger_master",
@@ -49,7 +51,9 @@ def open_source(spec: str | os.PathLike, *, rate_hz: float | str | None = None, 
     spec : str or path
         ``"sim"``, ``"sim:<layout>"``, ``"scenario"``, ``"scenario:<layout>"``,
         ``"scenario:<file.toml>"``, a ``.cbf``/``.cbf.bz2``/``.cbf.gz`` file, a
-        directory or glob of CBF files, or an Eiger ``*_master.h5`` / ``.nxs``.
+        directory or glob of CBF files, an Eiger ``*_master.h5`` / ``.nxs``, or
+        ``"tcp://HOST[:PORT]"``: a live DECTRIS Stream V2 detector (port 31001
+        by default; paced by the detector, so ``rate_hz`` must be None).
     rate_hz : float, "file" or None
         Emission rate in Hz; ``"file"`` = ``1 / frame_time`` of the file
         (CBF ``Exposure_period``, Eiger ``frame_time``); None = unpaced.
@@ -74,6 +78,10 @@ def open_source(spec: str | os.PathLike, *, rate_hz: float | str | None = None, 
     if file_rate and rate_hz != "file":
         raise SourceError(f"rate_hz must be a number, None or 'file', got {rate_hz!r}")
     common = {"rate_hz": None if file_rate else rate_hz, "n_frames": n_frames, "loop": loop}
+    if s.startswith("tcp://"):
+        if file_rate or rate_hz is not None or loop:
+            raise SourceError(f"{s}: a live stream is paced by the detector: no rate_hz, no loop")
+        return StreamSource(s, n_frames=n_frames, **kw)
     head, _, arg = s.partition(":")
     if head in ("sim", "scenario") and not os.path.exists(s):
         layout = kw.pop("layout", "1m")
