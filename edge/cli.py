@@ -1,4 +1,4 @@
-"""The ``edge`` command: ``edge run``, ``edge bench``, ``edge info``, ``edge ports``,
+"""The ``edge`` command: ``edge run``, ``edge serve``, ``edge bench``, ``edge info``, ``edge ports``,
 ``edge view``, ``edge report``."""
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class _Status:
         lat = np.asarray(self.lat[-200:])
         pipe = self.pipe
         dropped = pipe._frames.dropped if pipe is not None else 0
+        if pipe is not None:  # a live stream drops in its receiver queue
+            dropped += getattr(pipe.source, "totals", {}).get("dropped", 0)
         ok = failed = 0
         if pipe is not None:
             with pipe._lock:
@@ -102,6 +104,15 @@ def cmd_run(args) -> int:
     src_kw = {}
     if args.source.split(":")[0] in ("sim", "scenario") and args.layout:
         src_kw["layout"] = args.layout
+    if args.source.startswith("tcp://"):  # live Stream V2 detector: it sets the pace
+        if args.rate is not None or args.loop:
+            print("edge run: --rate/--loop do not apply to a live stream (the detector sets the pace)",
+                  file=sys.stderr)
+            return 2
+        src_kw.update(channel=args.channel, max_series=args.series, queue_size=args.queue_size)
+    elif args.channel is not None or args.series is not None:
+        print("edge run: --channel/--series apply to a live stream source (tcp://HOST:PORT) only", file=sys.stderr)
+        return 2
     rate = args.rate
     if rate is None:  # the simulator stands in for a live detector: pace it like one
         rate = 100.0 if args.source.split(":")[0] in ("sim", "scenario") else "max"
@@ -266,6 +277,52 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import json
+
+    from .sources import SourceError, open_source
+
+    if not 0 < args.port < 65536:
+        print(f"edge serve: --port must be 1-65535, got {args.port}", file=sys.stderr)
+        return 2
+    src_kw = {}
+    if args.source.split(":")[0] in ("sim", "scenario") and args.layout:
+        src_kw["layout"] = args.layout
+    if args.source.startswith("tcp://"):
+        print("edge serve: the source must be a simulator, scenario or file source, not a stream", file=sys.stderr)
+        return 2
+    rate = args.rate
+    if rate is None:
+        rate = 100.0 if args.source.split(":")[0] in ("sim", "scenario") else "max"
+    try:
+        source = open_source(args.source, rate_hz=None if rate == "max" else rate, n_frames=args.frames, **src_kw)
+    except SourceError as exc:
+        print(f"edge serve: source: {exc}", file=sys.stderr)
+        return 2
+    import zmq
+
+    from .stream.sender import serve
+
+    endpoint = f"tcp://{args.bind}:{args.port}"
+    print(f"edge serve: {source!r} as Stream V2 on {endpoint} ({args.compression}, {args.dtype}, pixel mask "
+          f"{'off' if args.no_mask else 'on'}), waiting for a client ...", file=sys.stderr)
+    try:
+        with source:
+            stats = serve(source, endpoint=endpoint, compression=None if args.compression == "none" else
+                          args.compression, pixel_mask=not args.no_mask, dtype=args.dtype, n_series=args.series,
+                          series_id=args.series_id, send_timeout=args.send_timeout, wait_client=args.wait_client)
+    except zmq.ZMQError as exc:
+        print(f"edge serve: cannot bind {endpoint}: {exc}", file=sys.stderr)
+        return 2
+    except TimeoutError as exc:
+        print(f"edge serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(stats.to_dict()))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .latency import benchmark, to_markdown, write_results
 
@@ -395,7 +452,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the read-only live view (default host 127.0.0.1; any other host gets an access "
                         "token, printed with the URL)")
     r.add_argument("--web-keep", action="store_true", help="keep serving the live view after the run until Ctrl-C")
+    r.add_argument("--channel", default=None,
+                   help="live stream: image channel (threshold) name; default the first listed in 'start'")
+    r.add_argument("--series", type=_positive_int, default=None, help="live stream: stop after this many series end")
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="replay a source as a DECTRIS Stream V2 detector (ZeroMQ PUSH server)",
+                        description="Detector simulator that speaks Stream V2: binds a PUSH socket and sends "
+                                    "start / image / end messages for each series, paced at --rate.")
+    sv.add_argument("--source", default="scenario",
+                    help="'scenario' (default), 'sim', 'scenario:FILE.toml', a CBF file/dir/glob or an Eiger *_master.h5")
+    sv.add_argument("--layout", default=None, help="simulated detector: 1m (default), 4m, 9m, 16m")
+    sv.add_argument("--bind", default="127.0.0.1", help="address to bind (default 127.0.0.1; '*' = all interfaces)")
+    sv.add_argument("--port", type=int, default=31001, help="TCP port (default 31001, as a DCU)")
+    sv.add_argument("--rate", type=_rate, default=None,
+                    help="images per second, 'file' or 'max'; default 100 Hz for the simulator, 'max' for files")
+    sv.add_argument("--frames", type=_positive_int, default=None, help="images per series (default: the whole source)")
+    sv.add_argument("--series", type=_positive_int, default=1, help="series to send (default 1)")
+    sv.add_argument("--series-id", type=int, default=1, help="series_id of the first series (default 1)")
+    sv.add_argument("--compression", choices=["bslz4", "lz4", "none"], default="bslz4")
+    sv.add_argument("--dtype", choices=["uint8", "uint16", "uint32"], default="uint32", help="pixel type sent")
+    sv.add_argument("--no-mask", action="store_true", help="no pixel_mask in the start message")
+    sv.add_argument("--send-timeout", type=float, default=1.0,
+                    help="seconds an image may wait for a reading client before it is counted unsent")
+    sv.add_argument("--wait-client", type=float, default=60.0, help="seconds to wait for a client (default 60)")
+    sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
     b.add_argument("--layouts", default="1m,4m")

@@ -140,6 +140,7 @@ class RunSummary:
     peaks: dict = field(default_factory=dict)
     errors: int = 0
     results_path: str | None = None
+    series: list = field(default_factory=list)  # live stream: one record per series (edge.sources.stream)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -173,6 +174,10 @@ class RunSummary:
             lines += ["", "flags raised (frames): " + ", ".join(f"{k} {v}" for k, v in sorted(self.flags.items()))]
         if self.peaks:
             lines.append(f"peaks per frame: median {self.peaks.get('median')}, max {self.peaks.get('max')}")
+        for sr in self.series:
+            lines.append(f"series {sr.get('series_id')}: received {sr.get('received')}, processed "
+                         f"{sr.get('processed')}, dropped {sr.get('dropped')}, decode errors "
+                         f"{sr.get('decode_errors')}{'' if sr.get('ended') else ' (no end message)'}")
         if self.results_path:
             lines.append(f"results: {self.results_path}")
         return "\n".join(lines)
@@ -297,12 +302,22 @@ class Pipeline:
         self.commands_dropped = 0
         self.errors = 0
         self._acq_error: BaseException | None = None
+        # live stream series (sources with pop_events): processed per series, ends awaiting their frames
+        self._primed: Geometry | None = None
+        self._series_done: Counter = Counter()
+        self._series_ends: list[dict] = []
+        self.series_records: list[dict] = []
 
     # ------------------------------------------------------------ threads
     def _frame_dropped(self, item) -> None:
         _, meta = item
-        self._log.write({"type": "drop", "frame": meta.index, "t_source": meta.t_source,
-                         "reason": "processing behind: oldest queued frame dropped"})
+        rec = {"type": "drop", "frame": meta.index, "t_source": meta.t_source,
+               "reason": "processing behind: oldest queued frame dropped"}
+        if "image_id" in meta.info:
+            rec.update(series_id=meta.info.get("series_id"), image_id=meta.info["image_id"])
+            with self._lock:
+                self._series_done[meta.info.get("series_id"), "dropped"] += 1
+        self._log.write(rec)
 
     def _acquire(self) -> None:
         # A paced source is a live detector: never wait, drop the oldest. An
@@ -466,18 +481,23 @@ class Pipeline:
             record["truth"] = sorted(meta.truth)
         if "phase" in meta.info:
             record["phase"] = meta.info["phase"]
+        if "image_id" in meta.info:  # live stream
+            record["series_id"] = meta.info.get("series_id")
+            record["image_id"] = meta.info["image_id"]
         if self.observer is not None:  # references only: the observer encodes on its own thread
             self.observer.frame(frame, record, peaks, geom)
         return record
 
-    def _prime(self) -> None:
+    def _prime(self, geom: Geometry | None = None) -> None:
         """Build the per-geometry tables (radial bins, feature row runs) on a
         dark frame before acquisition starts, so the first real frames are not
         late by tens of ms. A source whose geometry is not known before its
-        first frame is primed by that frame instead."""
-        geom = getattr(self.source, "geometry", None)
-        if not isinstance(geom, Geometry):
+        first frame is primed by that frame instead. A live stream changes
+        geometry with each series: it is primed again on the new one."""
+        geom = getattr(self.source, "geometry", None) if geom is None else geom
+        if not isinstance(geom, Geometry) or geom is self._primed:
             return
+        self._primed = geom
         g = self._geometry(geom)
         dark = np.zeros(g.shape, dtype=np.int32)
         stats = radial_stats(dark, geometry=g)
@@ -518,18 +538,23 @@ class Pipeline:
                 if duration is not None and time.perf_counter() - t0 >= duration:
                     break
                 item = self._frames.get(timeout=0.2)
+                self._source_events()
                 if item is None:
                     continue
                 if item is _STOP:
                     break
                 frame, meta = item
+                if meta.geometry is not self._primed:  # a new series (live stream): new tables
+                    self._prime(meta.geometry)
                 try:
                     rec = self.process(frame, meta)
                 except Exception as exc:  # a bad frame is reported, the stream goes on
                     self.errors += 1
                     rec = {"type": "error", "frame": meta.index, "error": f"{type(exc).__name__}: {exc}"}
                     self._log.write(rec)
+                    self._count_series(meta, "errors")
                     continue
+                self._count_series(meta, "processed")
                 processed += 1
                 self.records.append(rec)
                 self._log.write(rec)
@@ -539,7 +564,11 @@ class Pipeline:
                     break
         finally:
             self._stop.set()
+            interrupt = getattr(self.source, "interrupt", None)
+            if interrupt is not None:  # a live stream waits for frames: end its iteration now
+                interrupt()
             acq.join(timeout=5.0)
+            self._source_events(final=True)
             self._commands.put(_STOP)
             cmd.join(timeout=30.0)
             elapsed = time.perf_counter() - t0
@@ -549,6 +578,46 @@ class Pipeline:
         if self._acq_error is not None:
             raise self._acq_error
         return self.summary(elapsed)
+
+    def _count_series(self, meta, outcome: str) -> None:
+        if "image_id" in meta.info:
+            with self._lock:
+                self._series_done[meta.info.get("series_id"), outcome] += 1
+
+    def _source_events(self, final: bool = False) -> None:
+        """Log a live source's events (edge.sources.stream); close a series once
+        all the frames it delivered are processed (or at the end of the run)."""
+        pop = getattr(self.source, "pop_events", None)
+        if pop is None:
+            return
+        for ev in pop():
+            geom = ev.pop("geometry", None)
+            if ev["type"] == "series_start" and isinstance(geom, Geometry):
+                self._prime(geom)  # before its first image arrives
+            if ev["type"] == "series_end":
+                self._series_ends.append(ev)
+            else:
+                self._log.write(ev)
+        if final:  # series still open when the run stops: close them as they stand
+            ends = {e["series_id"]: e for e in self._series_ends}
+            written = {r["series_id"] for r in self.series_records}
+            for sr in getattr(self.source, "series", lambda: [])():
+                if sr["series_id"] not in ends and sr["series_id"] not in written and sr["received"]:
+                    ends[sr["series_id"]] = {"type": "series_end", **sr}
+            self._series_ends = list(ends.values())
+        waiting = []
+        for ev in self._series_ends:
+            sid = ev["series_id"]
+            with self._lock:
+                n = {k: self._series_done[sid, k] for k in ("processed", "dropped", "errors")}
+            if sum(n.values()) < ev["delivered"] and not final:
+                waiting.append(ev)  # frames of this series still queued for processing
+                continue
+            rec = {**ev, "type": "series", "processed": n["processed"], "dropped": ev["dropped"] + n["dropped"],
+                   "processing_errors": n["errors"]}
+            self.series_records.append(rec)
+            self._log.write(rec)
+        self._series_ends = waiting
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (thread-safe)."""
@@ -573,7 +642,8 @@ class Pipeline:
             ack_ms=percentiles([c.get("ack_ms") for c in cmds]),
             commands=dict(outcomes), flags=dict(flags),
             peaks={"median": float(np.median(npk)) if npk else None, "max": max(npk) if npk else None},
-            errors=self.errors, results_path=None if self._log.path is None else str(self._log.path))
+            errors=self.errors, results_path=None if self._log.path is None else str(self._log.path),
+            series=list(self.series_records))
 
 
 def _failure_kind(exc: Exception) -> str:

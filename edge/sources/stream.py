@@ -199,6 +199,7 @@ class StreamSource(FrameSource):
         self.max_series = max_series
         self.idle_timeout = idle_timeout
         self.max_pixels = int(max_pixels)
+        self._rcvhwm = int(rcvhwm)
         self._queue = _ImageQueue(queue_size)
         self._lock = threading.Lock()
         self._events: list[dict] = []
@@ -210,20 +211,8 @@ class StreamSource(FrameSource):
         #: Totals over the source's life (thread-safe snapshots via :attr:`totals`).
         self._totals = Counter()
         self._stop = threading.Event()
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, int(rcvhwm))
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        try:
-            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            self._sock.connect(self.endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(0)
-            raise SourceError(f"cannot connect to {self.endpoint}: {exc}") from exc
-        self._thread = threading.Thread(target=self._receive, name="edge-stream-receiver", daemon=True)
-        self._thread.start()
+        self._interrupted = False
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ public
     @property
@@ -259,14 +248,43 @@ class StreamSource(FrameSource):
         return ev
 
     def prepare(self) -> None:
+        """Connect and start the receiver thread (once; called by the first iteration).
+
+        Connecting only when frames are wanted keeps the detector from
+        streaming into a client that is still warming up: until then it
+        holds the images itself, as for any absent client.
+        """
         self._check_open()
+        self._interrupted = False
+        if self._thread is not None:
+            return
+        zmq = self._zmq
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        try:
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise SourceError(f"cannot connect to {self.endpoint}: {exc}") from exc
+        self._thread = threading.Thread(target=self._receive, name="edge-stream-receiver", daemon=True)
+        self._thread.start()
+
+    def interrupt(self) -> None:
+        """End the current iteration at its next wait (thread-safe); the socket stays connected."""
+        self._interrupted = True
 
     def close(self) -> None:
         if self._closed:
             return
         super().close()
         self._stop.set()
-        self._thread.join(timeout=2.0)
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
 
     # ------------------------------------------------------------------ receiver thread
     def _receive(self) -> None:
@@ -470,8 +488,10 @@ class StreamSource(FrameSource):
             series.geometry = Geometry(series.shape, px_mm, dist_mm, wl, (bx, by), mask=mask, saturation=sat)
         except ValueError as exc:
             raise _Refused(f"invalid geometry: {exc}", "field") from None
-        series.frame_time = number("frame_time")
-        series.count_time = number("count_time")
+        for key in ("frame_time", "count_time"):  # informative only: never a reason to refuse a series
+            v = msg.get(key)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            setattr(series, key, float(v) if ok else None)
         series.defaults_used = tuple(used)
         if used:
             log.warning("series %s: start message lacks %s: using %s", series.stats.series_id, ", ".join(used),
@@ -570,6 +590,8 @@ class StreamSource(FrameSource):
         self._current = None
         if series is None:
             return
+        if series.stats.refused is not None:
+            return  # never started for the consumer: nothing to close there
         with self._lock:
             series.stats.incomplete = incomplete
         if incomplete:
@@ -585,7 +607,7 @@ class StreamSource(FrameSource):
         k = 0
         ended = 0
         while self._cap is None or k < self._cap:
-            if self._closed:
+            if self._closed or self._interrupted:
                 return
             item = self._queue.get(timeout=0.1)
             if item is None:
