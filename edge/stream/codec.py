@@ -129,10 +129,16 @@ def _unshuffle_blocks(src, dst, n_elem, block_elems):
 
 @njit(cache=True, nogil=True)
 def _shuffle_blocks(src, dst, n_elem, block_elems):
-    """Inverse of :func:`_unshuffle_blocks`: typed ``src`` -> bit-transposed blocks in ``dst`` (uint8)."""
+    """Inverse of :func:`_unshuffle_blocks`: typed ``src`` -> bit-transposed blocks in ``dst`` (uint8).
+
+    Per block: elements -> byte lanes (scratch), then one 8x8 bit transpose
+    per 8 elements and lane, written as 8 bit-plane bytes.
+    """
     es = src.itemsize
     n_full = n_elem // block_elems
     last = (n_elem - n_full * block_elems) // 8 * 8
+    lanes64 = np.empty(max(block_elems * es // 8, 1), dtype=np.uint64)
+    lanes = lanes64.view(np.uint8)
     off = 0
     e0 = 0
     for blk in range(n_full + 1):
@@ -140,17 +146,29 @@ def _shuffle_blocks(src, dst, n_elem, block_elems):
         if n == 0:
             break
         nb = n // 8
-        for k in range(nb):
-            base = off + k
-            for j in range(es):
-                x = np.uint64(0)
-                for m in range(8):
-                    v = np.uint64(src[e0 + 8 * k + m])
-                    x |= ((v >> np.uint64(8 * j)) & np.uint64(0xFF)) << np.uint64(8 * m)
-                x = _transpose8x8(x)
-                p = base + 8 * j * nb
-                for b in range(8):
-                    dst[p + b * nb] = np.uint8((x >> np.uint64(8 * b)) & np.uint64(0xFF))
+        s = src[e0:e0 + n]
+        for j in range(es):
+            lane = lanes[j * n:(j + 1) * n]
+            sh = np.uint64(8 * j)
+            for i in range(n):
+                lane[i] = np.uint8((np.uint64(s[i]) >> sh) & np.uint64(0xFF))
+        for j in range(es):
+            p0 = off + 8 * j * nb
+            lane = lanes64[j * nb:(j + 1) * nb]
+            r0, r1 = dst[p0:p0 + nb], dst[p0 + nb:p0 + 2 * nb]
+            r2, r3 = dst[p0 + 2 * nb:p0 + 3 * nb], dst[p0 + 3 * nb:p0 + 4 * nb]
+            r4, r5 = dst[p0 + 4 * nb:p0 + 5 * nb], dst[p0 + 5 * nb:p0 + 6 * nb]
+            r6, r7 = dst[p0 + 6 * nb:p0 + 7 * nb], dst[p0 + 7 * nb:p0 + 8 * nb]
+            for k in range(nb):
+                x = _transpose8x8(lane[k])
+                r0[k] = np.uint8(x & np.uint64(0xFF))
+                r1[k] = np.uint8((x >> np.uint64(8)) & np.uint64(0xFF))
+                r2[k] = np.uint8((x >> np.uint64(16)) & np.uint64(0xFF))
+                r3[k] = np.uint8((x >> np.uint64(24)) & np.uint64(0xFF))
+                r4[k] = np.uint8((x >> np.uint64(32)) & np.uint64(0xFF))
+                r5[k] = np.uint8((x >> np.uint64(40)) & np.uint64(0xFF))
+                r6[k] = np.uint8((x >> np.uint64(48)) & np.uint64(0xFF))
+                r7[k] = np.uint8(x >> np.uint64(56))
         off += n * es
         e0 += n
 
