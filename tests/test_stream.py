@@ -433,3 +433,38 @@ def test_cli_mistakes_exit_2_with_one_line(capsys):
     assert main(["serve", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("edge ") for line in err)
+
+
+def test_pipeline_switches_geometry_per_series_and_closes_each_series(tmp_path):
+    from edge.pipeline import Pipeline
+    from edge.sim import simulate
+
+    msgs = []
+    shapes = {}
+    for sid, layout in ((1, "1m"), (2, "pilatus-6m")):  # a new detector geometry mid-run
+        sf = simulate(layout=layout, seed=sid)
+        frame = np.where(sf.frame < 0, 0xFFFFFFFF, sf.frame).astype(np.uint32)
+        g = sf.geometry
+        ny, nx = g.shape
+        shapes[sid] = (ny, nx)
+        msgs.append(encode_message(start_message(g, series_id=sid, series_unique_id=f"s{sid}", number_of_images=3)))
+        for i in range(3):
+            msgs.append(encode_message(image_message(multidim(frame, "bslz4"), series_id=sid,
+                                                     series_unique_id=f"s{sid}", image_id=i, start_s=i * 0.01,
+                                                     exposure_s=0.01)))
+        msgs.append(encode_message(end_message(series_id=sid, series_unique_id=f"s{sid}")))
+    port, proc = push_process(tmp_path, msgs)
+    with open_source(f"tcp://127.0.0.1:{port}", max_series=2, idle_timeout=60, queue_size=16) as src:
+        pipe = Pipeline(src, results=tmp_path / "run.jsonl")
+        summary = pipe.run()
+    proc.communicate(timeout=30)
+    recs = _run_lines(tmp_path / "run.jsonl")
+    frames = [r for r in recs if r["type"] == "frame"]
+    assert [(r["series_id"], r["image_id"]) for r in frames] == [(s, i) for s in (1, 2) for i in range(3)]
+    assert all(r["n_peaks"] > 20 for r in frames)
+    series = [r for r in recs if r["type"] == "series"]
+    assert [(s["series_id"], s["received"], s["processed"], s["dropped"], s["decode_errors"]) for s in series] == \
+        [(1, 3, 3, 0, 0), (2, 3, 3, 0, 0)]
+    starts = [r for r in recs if r["type"] == "series_start"]
+    assert [tuple(s["shape"]) for s in starts] == [shapes[1], shapes[2]]
+    assert [s["series_id"] for s in summary.series] == [1, 2]
