@@ -316,7 +316,7 @@ class Pipeline:
         if "image_id" in meta.info:
             rec.update(series_id=meta.info.get("series_id"), image_id=meta.info["image_id"])
             with self._lock:
-                self._series_done[meta.info.get("series_id"), "dropped"] += 1
+                self._series_done[_series_key(meta.info), "dropped"] += 1
         self._log.write(rec)
 
     def _acquire(self) -> None:
@@ -582,7 +582,7 @@ class Pipeline:
     def _count_series(self, meta, outcome: str) -> None:
         if "image_id" in meta.info:
             with self._lock:
-                self._series_done[meta.info.get("series_id"), outcome] += 1
+                self._series_done[_series_key(meta.info), outcome] += 1
 
     def _source_events(self, final: bool = False) -> None:
         """Log a live source's events (edge.sources.stream); close a series once
@@ -599,15 +599,15 @@ class Pipeline:
             else:
                 self._log.write(ev)
         if final:  # series still open when the run stops: close them as they stand
-            ends = {e["series_id"]: e for e in self._series_ends}
-            written = {r["series_id"] for r in self.series_records}
+            ends = {_series_key(e): e for e in self._series_ends}
+            written = {_series_key(r) for r in self.series_records}
             for sr in getattr(self.source, "series", lambda: [])():
-                if sr["series_id"] not in ends and sr["series_id"] not in written and sr["received"]:
-                    ends[sr["series_id"]] = {"type": "series_end", **sr}
+                if _series_key(sr) not in ends and _series_key(sr) not in written and sr["received"]:
+                    ends[_series_key(sr)] = {"type": "series_end", **sr}
             self._series_ends = list(ends.values())
         waiting = []
         for ev in self._series_ends:
-            sid = ev["series_id"]
+            sid = _series_key(ev)
             with self._lock:
                 n = {k: self._series_done[sid, k] for k in ("processed", "dropped", "errors")}
             if sum(n.values()) < ev["delivered"] and not final:
@@ -644,6 +644,11 @@ class Pipeline:
             peaks={"median": float(np.median(npk)) if npk else None, "max": max(npk) if npk else None},
             errors=self.errors, results_path=None if self._log.path is None else str(self._log.path),
             series=list(self.series_records))
+
+
+def _series_key(d: dict) -> tuple:
+    # a restarted detector (or edge serve) may reuse series_id: the unique id tells series apart
+    return d.get("series_id"), d.get("series_unique_id")
 
 
 def _failure_kind(exc: Exception) -> str:
