@@ -109,7 +109,8 @@ def cmd_run(args) -> int:
             print("edge run: --rate/--loop do not apply to a live stream (the detector sets the pace)",
                   file=sys.stderr)
             return 2
-        src_kw.update(channel=args.channel, max_series=args.series, queue_size=args.queue_size)
+        # images wait compressed in the source's queue (at least 64 of them) before the oldest is dropped
+        src_kw.update(channel=args.channel, max_series=args.series, queue_size=max(args.queue_size, 64))
     elif args.channel is not None or args.series is not None:
         print("edge run: --channel/--series apply to a live stream source (tcp://HOST:PORT) only", file=sys.stderr)
         return 2

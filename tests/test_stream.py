@@ -468,3 +468,34 @@ def test_pipeline_switches_geometry_per_series_and_closes_each_series(tmp_path):
     starts = [r for r in recs if r["type"] == "series_start"]
     assert [tuple(s["shape"]) for s in starts] == [shapes[1], shapes[2]]
     assert [s["series_id"] for s in summary.series] == [1, 2]
+
+
+@pytest.mark.parametrize("dtype, alg", [(np.uint8, "bslz4"), (np.uint16, "bslz4"), (np.uint32, "bslz4"),
+                                        (np.uint16, "lz4")])
+def test_plain_push_socket_sends_everything_before_the_client_reads(tmp_path, dtype, alg):
+    """A detector that pushes a whole series (compressed by hdf5plugin's filters) into a client
+    that is connected but not reading yet: nothing lost, every pixel as sent."""
+    ny, nx = 61, 77
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    imgs = [rng.poisson(4, (ny, nx)).astype(dtype) for _ in range(9)]
+    tag_num = {np.uint8: 64, np.uint16: 69, np.uint32: 70}[dtype]
+    filt = hdf5plugin.Bitshuffle(cname="lz4") if alg == "bslz4" else hdf5plugin.LZ4()
+    mod = np.dtype(dtype).itemsize if alg == "bslz4" else 0
+    msgs = [hand_start(nx, ny)]
+    for i, im in enumerate(imgs):
+        msgs.append(hand_image(i, ny, nx, tag(tag_num, tag(56500, arr(text(alg), uint(mod),
+                                                                     bstr(h5_chunk(im.ravel(), filt)))))))
+    msgs.append(hand_end())
+    port = free_port()
+    with open_source(f"tcp://127.0.0.1:{port}") as src:  # connected, not reading yet
+        path = tmp_path / "m.bin"
+        path.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in msgs))
+        out = subprocess.run([sys.executable, str(HERE / "stream_push.py"), str(port), str(path)],
+                             capture_output=True, text=True, env=ENV, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == str(len(msgs)), out.stderr
+        got = []
+        for f, m in src:
+            got.append(f.copy())
+            if len(got) == len(imgs):
+                break
+    assert all(g.dtype == dtype and np.array_equal(g, w) for g, w in zip(got, imgs))

@@ -107,24 +107,30 @@ class _ImageQueue:
     series boundaries in order.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
         self._items: deque = deque()
         self._images = 0
+        self._bytes = 0
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
         self._cv = threading.Condition()
 
-    def put(self, item: tuple, *, image: bool) -> tuple | None:
-        dropped = None
+    def put(self, item: tuple, *, image: bool, nbytes: int = 0) -> list:
+        """Append ``item``; returns the images dropped to make room (oldest first)."""
+        dropped = []
         with self._cv:
-            if image and self._images >= self._maxsize:
-                for i, old in enumerate(self._items):
-                    if old[0] == "image":
-                        dropped = old
-                        del self._items[i]
-                        self._images -= 1
-                        break
+            if image:
+                while self._images and (self._images >= self._maxsize or self._bytes + nbytes > self._max_bytes):
+                    for i, old in enumerate(self._items):
+                        if old[0] == "image":
+                            dropped.append(old)
+                            del self._items[i]
+                            self._images -= 1
+                            self._bytes -= old[-1]
+                            break
             self._items.append(item)
             self._images += image
+            self._bytes += nbytes
             self._cv.notify()
         return dropped
 
@@ -133,7 +139,9 @@ class _ImageQueue:
             if not self._cv.wait_for(lambda: self._items, timeout):
                 return None
             item = self._items.popleft()
-            self._images -= item[0] == "image"
+            if item[0] == "image":
+                self._images -= 1
+                self._bytes -= item[-1]
             return item
 
     def __len__(self) -> int:
@@ -151,9 +159,10 @@ class StreamSource(FrameSource):
     channel : str, optional
         Image channel (threshold) to use; default the first of ``channels``
         in each ``start`` message.
-    queue_size : int
-        Images buffered between the receiver thread and the consumer; when
-        full, the oldest image is dropped and counted.
+    queue_size, queue_bytes : int
+        Images (and their bytes as received, compressed or not) buffered
+        between the receiver thread and the consumer; beyond either, the
+        oldest image is dropped and counted.
     geometry : Geometry, optional
         Fallback geometry: used for images that arrive before any ``start``
         (a client that joined mid-series; without it they are counted and
@@ -171,7 +180,8 @@ class StreamSource(FrameSource):
         ZeroMQ receive high-water mark (messages held by ZeroMQ itself).
     """
 
-    def __init__(self, endpoint: str, *, channel: str | None = None, queue_size: int = 8,
+    def __init__(self, endpoint: str, *, channel: str | None = None, queue_size: int = 64,
+                 queue_bytes: int = 512 << 20,
                  geometry: Geometry | None = None, n_frames: int | None = None, max_series: int | None = None,
                  idle_timeout: float | None = None, max_pixels: int = MAX_PIXELS, rcvhwm: int = 16,
                  rate_hz: float | None = None, loop: bool = False, **kw: Any) -> None:
@@ -200,7 +210,7 @@ class StreamSource(FrameSource):
         self.idle_timeout = idle_timeout
         self.max_pixels = int(max_pixels)
         self._rcvhwm = int(rcvhwm)
-        self._queue = _ImageQueue(queue_size)
+        self._queue = _ImageQueue(queue_size, queue_bytes)
         self._lock = threading.Lock()
         self._events: list[dict] = []
         self._series_log: list[SeriesStats] = []
@@ -213,6 +223,19 @@ class StreamSource(FrameSource):
         self._stop = threading.Event()
         self._interrupted = False
         self._thread: threading.Thread | None = None
+        zmq = self._zmq
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        try:
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise SourceError(f"cannot connect to {self.endpoint}: {exc}") from exc
 
     # ------------------------------------------------------------------ public
     @property
@@ -248,29 +271,17 @@ class StreamSource(FrameSource):
         return ev
 
     def prepare(self) -> None:
-        """Connect and start the receiver thread (once; called by the first iteration).
+        """Start the receiver thread (once; called by the first iteration).
 
-        Connecting only when frames are wanted keeps the detector from
-        streaming into a client that is still warming up: until then it
-        holds the images itself, as for any absent client.
+        The socket connects when the source is opened, but nothing is read
+        before frames are wanted: until then images wait in ZeroMQ's bounded
+        buffers and, beyond them, on the detector side, as for any client
+        that is not reading yet (e.g. still warming up its kernels).
         """
         self._check_open()
         self._interrupted = False
         if self._thread is not None:
             return
-        zmq = self._zmq
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        try:
-            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            self._sock.connect(self.endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close(0)
-            raise SourceError(f"cannot connect to {self.endpoint}: {exc}") from exc
         self._thread = threading.Thread(target=self._receive, name="edge-stream-receiver", daemon=True)
         self._thread.start()
 
@@ -284,7 +295,11 @@ class StreamSource(FrameSource):
         super().close()
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=2.0)
+            self._thread.join(timeout=2.0)  # it closes the sockets
+        else:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._sock.close(0)
 
     # ------------------------------------------------------------------ receiver thread
     def _receive(self) -> None:
@@ -423,9 +438,7 @@ class StreamSource(FrameSource):
             raise _Refused(f"image size {nx} x {ny} = {nx * ny} pixels exceeds the limit of {self.max_pixels} "
                            f"(max_pixels)", "size")
         series.shape = (ny, nx)
-        dtype = msg.get("image_dtype")
-        if dtype is not None and (not isinstance(dtype, str) or dtype not in ("uint8", "uint16", "uint32")):
-            raise _Refused(f"image_dtype must be uint8, uint16 or uint32, got {dtype!r:.40}", "field")
+        # image_dtype is informative: each image's typed-array tag says what its pixels are
         channels = msg.get("channels")
         if channels is not None and (not isinstance(channels, (list, tuple)) or not channels
                                      or not all(isinstance(c, str) for c in channels)):
@@ -559,8 +572,9 @@ class StreamSource(FrameSource):
             v = msg.get(key)
             if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v) and v[1]:
                 info[f"{key}_s"] = v[0] / v[1]
-        dropped = self._queue.put(("image", series, arr, info, time.perf_counter()), image=True)
-        if dropped is not None:
+        nbytes = len(arr.data)
+        for dropped in self._queue.put(("image", series, arr, info, time.perf_counter(), nbytes), image=True,
+                                       nbytes=nbytes):
             dstats = dropped[1].stats
             with self._lock:
                 dstats.dropped += 1
@@ -636,7 +650,7 @@ class StreamSource(FrameSource):
                 if self.max_series is not None and ended >= self.max_series:
                     return
                 continue
-            _, series, arr, info, t_in = item
+            _, series, arr, info, t_in, _ = item
             try:
                 frame = arr.decode()
             except MessageError as exc:

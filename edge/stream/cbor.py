@@ -195,7 +195,7 @@ def decode_message(buf) -> dict:
     Returns
     -------
     dict
-        The message map; ``data`` (image) and ``pixel_mask`` / ``flatfield``
+        The message map; ``data`` (image) and ``pixel_mask``
         (start) map channel names to :class:`MultiDimArray`. Other values are
         as cbor2 decodes them (tags it does not know stay ``CBORTag``).
 
@@ -219,15 +219,14 @@ def decode_message(buf) -> dict:
         raise MessageError(f"unknown message type {mtype!r:.40} (expected 'start', 'image' or 'end')",
                            "unknown_type")
     for k in list(msg):
-        if k not in ("data", "pixel_mask", "flatfield", "user_data"):
+        if k not in ("data", "pixel_mask", "user_data"):
             msg[k] = _unwrap(msg[k])
     if mtype == "image":
         if "data" not in msg:
             raise MessageError("image message without 'data'", "field")
         _array_map(msg, "data")
     elif mtype == "start":
-        _array_map(msg, "pixel_mask")
-        _array_map(msg, "flatfield")
+        _array_map(msg, "pixel_mask")  # flatfield and count-rate tables are not used: left as decoded
     return msg
 
 
