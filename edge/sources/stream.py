@@ -223,6 +223,9 @@ class StreamSource(FrameSource):
         self._stop = threading.Event()
         self._interrupted = False
         self._thread: threading.Thread | None = None
+        from ..stream import codec
+
+        codec.warmup()  # Numba decode kernels: loaded (or compiled once) now, not on the first image
         zmq = self._zmq
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
@@ -346,7 +349,9 @@ class StreamSource(FrameSource):
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 with self._lock:
                     self._totals["disconnects"] += 1
-                log.warning("detector at %s disconnected; reconnecting automatically", self.endpoint)
+                # between series a detector may well go away; mid-series it is worth a warning
+                (log.warning if self._current is not None else log.info)(
+                    "detector at %s disconnected; reconnecting automatically", self.endpoint)
                 self._event({"type": "stream_disconnected", "endpoint": self.endpoint})
 
     def _event(self, ev: dict) -> None:

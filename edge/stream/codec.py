@@ -36,7 +36,7 @@ import lz4.block
 import numpy as np
 from numba import njit
 
-__all__ = ["CodecError", "decode_bslz4", "encode_bslz4", "decode_lz4", "encode_lz4", "decompress",
+__all__ = ["CodecError", "warmup", "decode_bslz4", "encode_bslz4", "decode_lz4", "encode_lz4", "decompress",
            "bitshuffle", "bitunshuffle", "bitshuffle_reference", "bitunshuffle_reference",
            "DEFAULT_BLOCK_BYTES"]
 
@@ -448,6 +448,13 @@ def encode_lz4(data: np.ndarray, *, block_bytes: int = 0) -> bytes:
             c = bytes(chunk)
         parts += [_U32.pack(len(c)), c]
     return b"".join(parts)
+
+
+def warmup() -> None:
+    """Load (or compile, once) the decode kernels for 8-, 16- and 32-bit pixels, outside the hot path."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        a = np.arange(1000, dtype=dt)
+        decode_bslz4(encode_bslz4(a), dt, n_elem=a.size)
 
 
 def decompress(algorithm: str, modifier, buf, dtype, *, n_elem: int | None = None) -> np.ndarray:

@@ -128,7 +128,7 @@ class _Sender:
         import zmq
 
         self.zmq = zmq
-        self.ctx = zmq.Context.instance()
+        self.ctx = zmq.Context()  # private: close() waits for its queued messages
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self.sock.setsockopt(zmq.LINGER, 10_000)  # let queued messages (the end!) reach a reading client
@@ -142,7 +142,9 @@ class _Sender:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.sock.send(buf, self.zmq.NOBLOCK, copy=False)
+                # copied: zero-copy would leave ZeroMQ's I/O thread reading Python memory that
+                # may be freed before the lingering socket has sent it
+                self.sock.send(buf, self.zmq.NOBLOCK, copy=True)
                 return True
             except self.zmq.Again:
                 left = deadline - time.monotonic()
@@ -151,7 +153,8 @@ class _Sender:
                 self.poller.poll(max(1, int(min(left, 0.1) * 1000)))
 
     def close(self) -> None:
-        self.sock.close()
+        self.sock.close()  # lingers up to 10 s for a reading client to take what is queued (the end)
+        self.ctx.term()
 
 
 def serve(source, *, endpoint: str = "tcp://127.0.0.1:31001", compression: str | None = "bslz4",
