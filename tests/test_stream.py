@@ -499,3 +499,24 @@ def test_plain_push_socket_sends_everything_before_the_client_reads(tmp_path, dt
             if len(got) == len(imgs):
                 break
     assert all(g.dtype == dtype and np.array_equal(g, w) for g, w in zip(got, imgs))
+
+
+def test_unusable_geometry_values_fall_back_and_images_still_flow(tmp_path, caplog):
+    ny, nx = 8, 12
+    img = np.arange(ny * nx, dtype=np.uint16).reshape(ny, nx)
+    start = MAGIC + cmap(("type", text("start")), ("series_id", uint(4)), ("image_size_x", uint(nx)),
+                         ("image_size_y", uint(ny)), ("incident_wavelength", f64(0.0)),  # unconfigured DCU
+                         ("pixel_size_x", f64(75e-6)), ("pixel_size_y", f64(75e-6)))
+    msgs = [start, hand_image(0, ny, nx, tag(69, bstr(img.tobytes())), series_id=4), hand_end(4)]
+    port, proc = push_process(tmp_path, msgs)
+    with caplog.at_level("WARNING", logger="edge.stream"):
+        with open_source(f"tcp://127.0.0.1:{port}", max_series=1, idle_timeout=30) as src:
+            got = [(f.copy(), m) for f, m in src]
+            events = src.pop_events()
+    proc.communicate(timeout=30)
+    assert len(got) == 1 and np.array_equal(got[0][0], img)
+    g = got[0][1].geometry
+    assert g.wavelength_A == 1.0 and g.distance_mm == 100.0 and g.beam_center == ((nx - 1) / 2, (ny - 1) / 2)
+    (start_ev,) = [e for e in events if e["type"] == "series_start"]
+    assert set(start_ev["defaults_used"]) == {"detector_distance", "incident_wavelength", "beam_center"}
+    assert "unusable: incident_wavelength=0.0" in caplog.text

@@ -425,14 +425,18 @@ class StreamSource(FrameSource):
     def _series_from_start(self, series: _Series, msg: dict) -> None:
         from ..stream.cbor import MessageError
 
+        invalid = []
+
         def number(key: str, *, positive: bool = True) -> float | None:
+            # an unusable geometry value (e.g. a wavelength of 0 on an unconfigured DCU) is treated as
+            # missing: the fallback is used and logged, and the images still flow
             v = msg.get(key)
             if v is None:
                 return None
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or (positive and v <= 0):
-                raise _Refused(f"{key} must be a {'positive ' if positive else ''}finite number, got {v!r:.40}",
-                               "field")
+                invalid.append(f"{key}={v!r:.20}")
+                return None
             return float(v)
 
         nx, ny = msg.get("image_size_x"), msg.get("image_size_y")
@@ -460,7 +464,7 @@ class StreamSource(FrameSource):
         px = number("pixel_size_x")
         py = number("pixel_size_y")
         if px is not None and py is not None and not math.isclose(px, py, rel_tol=1e-6):
-            raise _Refused(f"non-square pixels ({px} x {py} m) are not supported", "field")
+            log.warning("series %s: non-square pixels (%g x %g m): using the x size", series.stats.series_id, px, py)
         px = px if px is not None else py
         if px is None:
             px_mm = fb.pixel_size_mm if fb is not None else _DEFAULTS["pixel_size_mm"]
@@ -512,7 +516,8 @@ class StreamSource(FrameSource):
             setattr(series, key, float(v) if ok else None)
         series.defaults_used = tuple(used)
         if used:
-            log.warning("series %s: start message lacks %s: using %s", series.stats.series_id, ", ".join(used),
+            log.warning("series %s: start message lacks %s%s: using %s", series.stats.series_id, ", ".join(used),
+                        f" (unusable: {', '.join(invalid)})" if invalid else "",
                         "the fallback geometry" if fb is not None else f"nominal values {_DEFAULTS}")
 
     # -- image ------------------------------------------------------------------
