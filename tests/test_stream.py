@@ -220,10 +220,19 @@ def test_malformed_messages_raise_message_error_with_kind(buf, kind):
 
 
 # --------------------------------------------------------------------------- live source over loopback TCP
+def write_msgs(path, msgs) -> None:
+    """Messages for stream_push.py: each bytes (one part) or a list of parts (multi-part)."""
+    out = []
+    for m in msgs:
+        parts = [m] if isinstance(m, (bytes, bytearray)) else list(m)
+        out.append(struct.pack(">I", len(parts)) + b"".join(struct.pack(">I", len(p)) + bytes(p) for p in parts))
+    path.write_bytes(b"".join(out))
+
+
 def push_process(tmp_path, msgs, delay=0.0):
     port = free_port()
     path = tmp_path / f"msgs-{port}.bin"
-    path.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in msgs))
+    write_msgs(path, msgs)
     proc = subprocess.Popen([sys.executable, str(HERE / "stream_push.py"), str(port), str(path), str(delay)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     return port, proc
@@ -489,7 +498,7 @@ def test_plain_push_socket_sends_everything_before_the_client_reads(tmp_path, dt
     port = free_port()
     with open_source(f"tcp://127.0.0.1:{port}") as src:  # connected, not reading yet
         path = tmp_path / "m.bin"
-        path.write_bytes(b"".join(struct.pack(">I", len(m)) + m for m in msgs))
+        write_msgs(path, msgs)
         out = subprocess.run([sys.executable, str(HERE / "stream_push.py"), str(port), str(path)],
                              capture_output=True, text=True, env=ENV, timeout=60)
         assert out.returncode == 0 and out.stdout.strip() == str(len(msgs)), out.stderr
@@ -520,3 +529,46 @@ def test_unusable_geometry_values_fall_back_and_images_still_flow(tmp_path, capl
     (start_ev,) = [e for e in events if e["type"] == "series_start"]
     assert set(start_ev["defaults_used"]) == {"detector_distance", "incident_wavelength", "beam_center"}
     assert "unusable: incident_wavelength=0.0" in caplog.text
+
+
+def test_stream_v1_legacy_multipart_messages(tmp_path):
+    """Stream V1 (format: legacy): JSON header parts + raw / lz4 / bitshuffle-lz4 data, same source."""
+    ny, nx = 21, 34
+    rng = np.random.default_rng(5)
+    imgs = [rng.poisson(3, (ny, nx)).astype(np.uint32) for _ in range(3)]
+    mask = np.zeros((ny, nx), np.uint32)
+    mask[:, 10] = 1  # a gap column
+    j = lambda d: json.dumps(d).encode()  # noqa: E731
+    import lz4.block
+
+    header = [j({"htype": "dheader-1.0", "series": 3, "header_detail": "all"}),
+              j({"x_pixels_in_detector": nx, "y_pixels_in_detector": ny, "beam_center_x": 17.0,
+                 "beam_center_y": 10.0, "detector_distance": 0.2, "wavelength": 0.98, "x_pixel_size": 75e-6,
+                 "y_pixel_size": 75e-6, "countrate_correction_count_cutoff": 100000, "frame_time": 0.01}),
+              j({"htype": "dflatfield-1.0", "shape": [nx, ny], "type": "float32"}),
+              np.ones((ny, nx), np.float32).tobytes(),
+              j({"htype": "dpixelmask-1.0", "shape": [nx, ny], "type": "uint32"}), mask.tobytes(),
+              j({"htype": "dcountrate_table-1.0", "shape": [2, 3], "type": "float32"}), np.zeros(6, np.float32).tobytes()]
+    blobs = [("bs32-lz4<", h5_chunk(imgs[0].ravel(), hdf5plugin.Bitshuffle(cname="lz4"))),
+             ("lz4<", lz4.block.compress(imgs[1].tobytes(), store_size=False)),
+             ("<", imgs[2].tobytes())]
+    msgs = [header]
+    for i, (enc, blob) in enumerate(blobs):
+        msgs.append([j({"htype": "dimage-1.0", "series": 3, "frame": i, "hash": ""}),
+                     j({"htype": "dimage_d-1.0", "shape": [nx, ny], "type": "uint32", "encoding": enc,
+                        "size": len(blob)}), blob,
+                     j({"htype": "dconfig-1.0", "start_time": i * 10_000_000, "stop_time": i * 10_000_000 + 9_000_000,
+                        "real_time": 9_000_000})])
+    msgs.append(j({"htype": "dseries_end-1.0", "series": 3}))
+    port, proc = push_process(tmp_path, msgs)
+    with open_source(f"tcp://127.0.0.1:{port}", max_series=1, idle_timeout=30) as src:
+        got = [(f.copy(), m) for f, m in src]
+        (series,) = src.series()
+    proc.communicate(timeout=30)
+    assert [m.info["image_id"] for _, m in got] == [0, 1, 2]
+    assert all(np.array_equal(f, w) for (f, _), w in zip(got, imgs))
+    g = got[0][1].geometry
+    assert g.shape == (ny, nx) and g.beam_center == (17.0, 10.0) and g.distance_mm == pytest.approx(200.0)
+    assert g.wavelength_A == 0.98 and g.saturation == 100000 and not g.mask[:, 10].any() and g.mask[:, 11].all()
+    assert got[1][1].info["real_time_s"] == pytest.approx(0.009)
+    assert series["received"] == 3 and series["delivered"] == 3 and series["ended"]

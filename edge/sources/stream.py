@@ -373,18 +373,21 @@ class StreamSource(FrameSource):
 
     def _handle(self, frames: list) -> None:
         from ..stream.cbor import MessageError, decode_message
+        from ..stream.legacy import decode_legacy, is_legacy
 
         nbytes = sum(len(f.buffer) for f in frames)
         with self._lock:
             self._totals["messages"] += 1
             self._totals["bytes"] += nbytes
         cur = self._current.stats if self._current is not None else None
-        if len(frames) != 1:
-            self._error("multipart", f"{len(frames)}-part ZeroMQ message: Stream V2 sends one CBOR message per "
-                        f"ZeroMQ message (is the DCU set to the legacy Stream V1 format? set format=cbor)", cur)
-            return
         try:
-            msg = decode_message(frames[0].buffer)
+            if is_legacy(frames[0].buffer):  # Stream V1 (format: legacy): JSON header parts
+                msg = decode_legacy([f.buffer for f in frames])
+            elif len(frames) != 1:
+                raise MessageError(f"{len(frames)}-part ZeroMQ message that is neither Stream V2 (one CBOR "
+                                   f"message) nor Stream V1 (JSON parts)", "multipart")
+            else:
+                msg = decode_message(frames[0].buffer)
         except MessageError as exc:
             self._error(exc.kind, str(exc), cur)
             return

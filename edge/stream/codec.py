@@ -474,4 +474,14 @@ def decompress(algorithm: str, modifier, buf, dtype, *, n_elem: int | None = Non
         return decode_bslz4(buf, dt, n_elem=n_elem)
     if algorithm == "lz4":
         return decode_lz4(buf, dt, n_elem=n_elem)
+    if algorithm == "lz4-block" and n_elem is not None:  # Stream V1 "lz4<": one bare LZ4 block
+        size = n_elem * dt.itemsize
+        _check_size(size, len(buf), "lz4 block")
+        try:
+            raw = lz4.block.decompress(buf, uncompressed_size=size)
+        except lz4.block.LZ4BlockError as exc:
+            raise CodecError(f"corrupt LZ4 block: {exc}") from None
+        if len(raw) != size:
+            raise CodecError(f"LZ4 block decompressed to {len(raw)} bytes, expected {size}")
+        return np.frombuffer(bytearray(raw), dtype=dt)
     raise CodecError(f"unknown compression algorithm {algorithm!r} (known: 'bslz4', 'lz4')")
