@@ -289,14 +289,19 @@ def _lz4_blocks(buf, pos: int, sizes, what: str, *, stored_ok: bool):
         if stored_ok and clen == size:
             yield chunk  # HDF5 LZ4 filter: incompressible block stored as is
             continue
-        try:
-            block = lz4.block.decompress(chunk, uncompressed_size=size)
-        except lz4.block.LZ4BlockError as exc:
-            raise CodecError(f"{what}: corrupt LZ4 block {i} of {len(sizes)}: {exc}") from None
-        if len(block) != size:
-            raise CodecError(f"{what}: block {i} decompressed to {len(block)} bytes, expected {size}")
-        yield block
+        yield _lz4_block(chunk, size, f"{what}: block {i} of {len(sizes)}")
     return pos
+
+
+def _lz4_block(chunk, size: int, what: str) -> bytes:
+    """One bare LZ4 block that must decompress to exactly ``size`` bytes."""
+    try:
+        block = lz4.block.decompress(chunk, uncompressed_size=size)
+    except lz4.block.LZ4BlockError as exc:
+        raise CodecError(f"{what}: corrupt LZ4 block: {exc}") from None
+    if len(block) != size:
+        raise CodecError(f"{what}: decompressed to {len(block)} bytes, expected {size}")
+    return block
 
 
 _GROUP_BYTES = 1 << 18  # blocks decompressed per kernel call: stays in L2, few Python round trips
@@ -477,11 +482,5 @@ def decompress(algorithm: str, modifier, buf, dtype, *, n_elem: int | None = Non
     if algorithm == "lz4-block" and n_elem is not None:  # Stream V1 "lz4<": one bare LZ4 block
         size = n_elem * dt.itemsize
         _check_size(size, len(buf), "lz4 block")
-        try:
-            raw = lz4.block.decompress(buf, uncompressed_size=size)
-        except lz4.block.LZ4BlockError as exc:
-            raise CodecError(f"corrupt LZ4 block: {exc}") from None
-        if len(raw) != size:
-            raise CodecError(f"LZ4 block decompressed to {len(raw)} bytes, expected {size}")
-        return np.frombuffer(bytearray(raw), dtype=dt)
+        return np.frombuffer(bytearray(_lz4_block(buf, size, "lz4 block")), dtype=dt)
     raise CodecError(f"unknown compression algorithm {algorithm!r} (known: 'bslz4', 'lz4')")
