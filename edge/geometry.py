@@ -13,6 +13,7 @@ Coordinate conventions (used everywhere in :mod:`edge`)
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -80,6 +81,34 @@ def layout_mask(name: str) -> np.ndarray:
         raise ValueError(f"unknown detector layout {name!r}; known: {sorted(LAYOUTS)}") from None
 
 
+# Plausible ranges: anything outside is a damaged or misread header (a
+# metres/millimetres mix-up, a beam centre of 1e300) and would overflow or
+# silently give nonsense resolutions.
+_RANGES = {
+    "pixel_size_mm": (1e-3, 10.0, "mm"),       # 1 um .. 1 cm
+    "distance_mm": (1e-1, 1e5, "mm"),          # 0.1 mm .. 100 m
+    "wavelength_A": (1e-3, 100.0, "Angstrom"),  # electrons .. soft X-rays
+}
+_BEAM_SPAN = 10  # beam centre within this many detector sizes of the origin
+
+
+def _integer(v) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            return int(v)
+        raise TypeError(v)
+    return int(v)
+
+
+def _real(v, name: str) -> float:
+    """A real number as float (no bool, str, complex or array)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "iuf":
+            return float(v)
+        raise ValueError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+    return float(v)
+
+
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Geometry of a flat detector perpendicular to the beam.
@@ -118,19 +147,35 @@ class Geometry:
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        shape = tuple(int(s) for s in self.shape)
+        try:
+            shape = tuple(_integer(s) for s in self.shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"shape must be (rows, columns) of integers, got {self.shape!r}") from None
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"shape must be (rows, columns) with both >= 1, got {self.shape!r}")
         object.__setattr__(self, "shape", shape)
-        for name in ("pixel_size_mm", "distance_mm", "wavelength_A"):
-            value = float(getattr(self, name))
-            if not np.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name, (lo, hi, unit) in _RANGES.items():
+            value = _real(getattr(self, name), name)
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}] {unit}, got {value!r}")
             object.__setattr__(self, name, value)
-        bc = tuple(float(v) for v in self.beam_center)
-        if len(bc) != 2 or not all(np.isfinite(bc)):
-            raise ValueError(f"beam_center must be finite (x, y) in pixels, got {self.beam_center!r}")
+        try:
+            bc = tuple(_real(v, "beam_center") for v in self.beam_center)
+        except TypeError:
+            raise ValueError(f"beam_center must be (x, y) in pixels, got {self.beam_center!r}") from None
+        if len(bc) != 2:
+            raise ValueError(f"beam_center must be (x, y) in pixels, got {self.beam_center!r}")
+        # off the detector is legitimate (an offset detector), 1e300 is not:
+        # radii and angles must stay finite
+        span = _BEAM_SPAN * max(shape)
+        if not all(math.isfinite(v) and -span <= v <= span for v in bc):
+            raise ValueError(f"beam_center must be finite (x, y) in pixels within {_BEAM_SPAN} detector sizes "
+                             f"(|x|, |y| <= {span}), got {self.beam_center!r}")
         object.__setattr__(self, "beam_center", bc)
+        if self.saturation is not None:
+            sat = _real(self.saturation, "saturation")
+            if not (math.isfinite(sat) and sat > 0):
+                raise ValueError(f"saturation must be a positive finite count or None, got {self.saturation!r}")
         if self.mask is not None:
             mask = np.asarray(self.mask)
             if mask.shape != shape:

@@ -140,7 +140,7 @@ class RunSummary:
     peaks: dict = field(default_factory=dict)
     errors: int = 0
     results_path: str | None = None
-    series: list = field(default_factory=list)  # live stream: one record per series (edge.sources.stream)
+    frames_bad: int = 0
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -152,7 +152,8 @@ class RunSummary:
 
         lines = [
             f"frames in {self.frames_in}, processed {self.frames_processed}, dropped {self.frames_dropped}, "
-            f"{self.fps:.1f} frames/s over {self.duration_s:.1f} s, processing errors {self.errors}",
+            f"{self.fps:.1f} frames/s over {self.duration_s:.1f} s, errors {self.errors}"
+            + (f" ({self.frames_bad} unreadable frames: see the results file)" if self.frames_bad else ""),
             "",
             "| stage (ms) | p50 | p95 | p99 | max |",
             "|---|---|---|---|---|",
@@ -301,6 +302,7 @@ class Pipeline:
         self.command_records: list[dict] = []
         self.commands_dropped = 0
         self.errors = 0
+        self.frames_bad = 0  # unreadable frames (also counted in errors)
         self._acq_error: BaseException | None = None
         # live stream series (sources with pop_events): processed per series, ends awaiting their frames
         self._primed: Geometry | None = None
@@ -323,8 +325,11 @@ class Pipeline:
         # A paced source is a live detector: never wait, drop the oldest. An
         # unpaced replay goes as fast as processing does (nothing to drop).
         block = self.block_source
+        # a frame that cannot be read (damaged file) is one error record and
+        # the stream goes on, like a frame that fails processing
+        frames = self.source.frames(on_error=self._bad_frame) if hasattr(self.source, "frames") else self.source
         try:
-            for frame, meta in self.source:
+            for frame, meta in frames:
                 if self._stop.is_set():
                     break
                 self.frames_in += 1
@@ -333,6 +338,13 @@ class Pipeline:
             self._acq_error = exc
         finally:
             self._frames.close()
+
+    def _bad_frame(self, exc) -> None:
+        with self._lock:
+            self.errors += 1
+            self.frames_bad += 1
+        self._log.write({"type": "error", "stage": "source", "frame": getattr(exc, "frame", None),
+                         "path": getattr(exc, "path", None), "error": f"{type(exc).__name__}: {exc}"})
 
     def _send_commands(self) -> None:
         while True:
@@ -643,12 +655,7 @@ class Pipeline:
             commands=dict(outcomes), flags=dict(flags),
             peaks={"median": float(np.median(npk)) if npk else None, "max": max(npk) if npk else None},
             errors=self.errors, results_path=None if self._log.path is None else str(self._log.path),
-            series=list(self.series_records))
-
-
-def _series_key(d: dict) -> tuple:
-    # a restarted detector (or edge serve) may reuse series_id: the unique id tells series apart
-    return d.get("series_id"), d.get("series_unique_id")
+            frames_bad=self.frames_bad)
 
 
 def _failure_kind(exc: Exception) -> str:

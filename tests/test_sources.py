@@ -6,14 +6,18 @@ import bz2
 from pathlib import Path
 
 import numpy as np
+import edge
 import pytest
 
 from edge import Geometry
 from edge.scenario import LABELS, Scenario, ScenarioError, default_scenario
-from edge.sources import (CbfSource, EigerSource, FrameMeta, SimulatorSource, SourceError, open_source,
-                          write_eiger_master)
+from edge.sources import (CbfSource, EigerSource, FrameError, FrameMeta, SimulatorSource, SourceError,
+                          open_source, write_eiger_master)
 
-REAL_FRAMES = Path(__file__).resolve().parents[2] / "shared" / "real_frames"
+# ../shared beside the checkout, or beside the directory of worktrees
+REAL_FRAMES = next((p / "shared" / "real_frames" for p in Path(__file__).resolve().parents[2:4]
+                    if (p / "shared" / "real_frames").is_dir()),
+                   Path(__file__).resolve().parents[2] / "shared" / "real_frames")
 REAL_NAMES = ["thau_3_2_0002.cbf.bz2", "thau_3_2_0008.cbf.bz2", "thau_3_2_0014.cbf.bz2", "thau_3_2_0019.cbf.bz2"]
 
 
@@ -410,3 +414,210 @@ def test_cbf_preload_and_loop():
     assert [m.index for _, m in got] == [0, 1, 2, 3, 4]
     assert got[2][0] is got[0][0] and got[3][0] is got[1][0]  # replayed from memory
     assert [m.info["pass"] for _, m in got] == [0, 0, 1, 1, 2]
+
+
+# -- CBF: files being written, every element type, absurd headers -----------------------
+_CUT_CHILD = r"""
+import sys
+from edge.sources import CbfSource, SourceError
+raw = open(sys.argv[1], "rb").read()
+for n in range(int(sys.argv[2]), int(sys.argv[3])):
+    print(n, flush=True)  # the last number printed names a cut that hangs
+    open(sys.argv[4], "wb").write(raw[:n])
+    try:
+        CbfSource(sys.argv[4])
+    except SourceError:
+        continue
+    print("accepted", n, flush=True)
+print("done", flush=True)
+"""
+
+
+def test_cbf_cut_anywhere_in_its_header_is_refused_never_hangs(tmp_path):
+    """A CBF still being written, cut at every byte from the start of the
+    binary section header to just past the binary start marker: each read is
+    a SourceError, none hangs (fabio alone loops forever on these). One child
+    process runs the sweep under a timeout, so a regression fails, not hangs."""
+    import subprocess
+    import sys
+
+    needs_real_frames()
+    raw = bz2.decompress((REAL_FRAMES / REAL_NAMES[3]).read_bytes())
+    src = tmp_path / "whole.cbf"
+    src.write_bytes(raw)
+    lo = raw.index(b"--CIF-BINARY-FORMAT-SECTION--") - 40
+    hi = raw.index(b"\x0c\x1a\x04\xd5") + 4 + 64
+    try:
+        out = subprocess.run([sys.executable, "-c", _CUT_CHILD, str(src), str(lo), str(hi), str(tmp_path / "cut.cbf")],
+                             capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
+                                                                                "GOMP_SPINCOUNT": "0"})
+    except subprocess.TimeoutExpired as exc:
+        last = (exc.stdout or b"").split()[-1:] if isinstance(exc.stdout, bytes) else (exc.stdout or "").split()[-1:]
+        pytest.fail(f"reading a CBF cut at byte {last} hangs")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert "done" in lines and not [x for x in lines if x.startswith("accepted")], out.stdout[-500:]
+    assert len([x for x in lines if x.isdigit()]) == hi - lo
+
+
+def test_cbf_cut_in_header_message(tmp_path):
+    needs_real_frames()
+    raw = bz2.decompress((REAL_FRAMES / REAL_NAMES[3]).read_bytes())
+    cut = raw.index(b"X-Binary-Size:") + 5
+    (tmp_path / "c.cbf").write_bytes(raw[:cut])
+    with pytest.raises(FrameError, match=r"c\.cbf \(frame 0\).*ends inside the binary section header"):
+        CbfSource(tmp_path / "c.cbf")
+    (tmp_path / "d.cbf").write_bytes(raw[: raw.index(b"\x0c\x1a\x04\xd5") + 60])
+    with pytest.raises(FrameError, match=r"truncated CBF: 56 of \d+ binary bytes"):
+        CbfSource(tmp_path / "d.cbf")
+
+
+_CBF_HEADER = ("\n# Detector: PILATUS3 6M\n# Pixel_size 172e-6 m x 172e-6 m\n# Exposure_period 0.02 s\n"
+               "# Wavelength 0.96859 A\n# Detector_distance 0.35100 m\n# Beam_xy (20.5, 15.25) pixels\n")
+
+
+def _write_cbf(path, data, header_contents=_CBF_HEADER):
+    """A CBF written by fabio itself."""
+    from fabio.cbfimage import CbfImage
+
+    CbfImage(data=data, header={"_array_data.header_convention": "PILATUS_1.2",
+                                "_array_data.header_contents": header_contents}).write(str(path))
+    return Path(path)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"])
+def test_cbf_every_element_type_fabio_writes(tmp_path, dtype):
+    import fabio
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(5)
+    data = rng.integers(max(info.min, -2**62), min(info.max, 2**62), (30, 41), dtype=dtype, endpoint=True)
+    if info.bits < 32:
+        data[0, :4] = [info.min, info.max, 0, info.min]  # extremes and the widest jumps
+    path = _write_cbf(tmp_path / f"x_{dtype}.cbf", data)
+    assert np.array_equal(fabio.open(str(path)).data, data)  # fabio reads it: so must we
+    with CbfSource(path) as src:
+        assert src.geometry.shape == (30, 41) and src.geometry.beam_center == (20.5, 15.25)
+        (frame, meta), = list(src)
+    assert frame.dtype == np.dtype(dtype) and np.array_equal(frame, data)
+    assert edge.find_peaks(frame, geometry=src.geometry) is not None  # the kernels take it
+
+
+def _edit_mime(path, **fields):
+    raw = Path(path).read_bytes()
+    for key, value in fields.items():
+        key = key.replace("_", "-")
+        start = raw.index(key.encode() + b":")
+        end = raw.index(b"\r\n", start)
+        raw = raw[:start] + f"{key}: {value}".encode() + raw[end:]
+    Path(path).write_bytes(raw)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"X_Binary_Size_Fastest_Dimension": -41, "X_Binary_Size_Second_Dimension": -30}, ["invalid frame dimensions"]),
+    ({"X_Binary_Size_Fastest_Dimension": 0}, ["invalid frame dimensions"]),
+    ({"X_Binary_Size_Fastest_Dimension": "lots"}, ["Fastest-Dimension", "not an integer"]),
+    ({"X_Binary_Size_Fastest_Dimension": 50000, "X_Binary_Size_Second_Dimension": 50000,
+      "X_Binary_Number_of_Elements": 2500000000}, ["max_frame_bytes", "before allocating"]),
+    ({"X_Binary_Size_Fastest_Dimension": 4000, "X_Binary_Size_Second_Dimension": 3000,
+      "X_Binary_Number_of_Elements": 12000000}, ["cannot fit"]),
+    ({"X_Binary_Number_of_Elements": 1000}, ["Number-of-Elements"]),
+    ({"X_Binary_Element_Type": '"signed 12-bit integer"'}, ["element type", "12-bit"]),
+    ({"X_Binary_Size": -5}, ["negative X-Binary-Size"]),
+    ({"X_Binary_Size": "many"}, ["X-Binary-Size", "not an integer"]),
+])
+def test_cbf_absurd_headers_refused_with_reason(tmp_path, fields, words):
+    path = _write_cbf(tmp_path / "h.cbf", np.arange(30 * 41, dtype=np.int32).reshape(30, 41))
+    _edit_mime(path, **fields)
+    with pytest.raises(SourceError) as ei:
+        CbfSource(path)
+    assert all(w in str(ei.value) for w in words), str(ei.value)
+
+
+def test_cbf_packed_and_multiframe_refused_with_reason(tmp_path):
+    import fabio
+
+    path = _write_cbf(tmp_path / "p.cbf", np.arange(12, dtype=np.int32).reshape(3, 4))
+    path.write_bytes(path.read_bytes().replace(b"x-CBF_BYTE_OFFSET", b"x-CBF_PACKED"))
+    with pytest.raises(Exception):  # fabio does not decode x-CBF_PACKED either
+        fabio.open(str(path)).data
+    with pytest.raises(FrameError, match="x-CBF_PACKED.*x-CBF_BYTE_OFFSET only"):
+        CbfSource(path)
+    path = _write_cbf(tmp_path / "m.cbf", np.arange(12, dtype=np.int32).reshape(3, 4))
+    path.write_bytes(path.read_bytes().replace(b"X-Binary-Size-Padding", b"X-Binary-Size-Third-Dimension: 5\r\n"
+                                                                       b"X-Binary-Size-Padding"))
+    with pytest.raises(FrameError, match="multi-frame"):
+        CbfSource(path)
+
+
+def test_cbf_trailing_elements_are_corruption(tmp_path):
+    path = _write_cbf(tmp_path / "t.cbf", np.arange(30 * 41, dtype=np.int32).reshape(30, 41))
+    # declare a smaller frame over the same data: more elements decode than declared
+    _edit_mime(path, X_Binary_Size_Second_Dimension=20, X_Binary_Number_of_Elements=20 * 41)
+    with pytest.raises(FrameError, match="more than 820 elements decoded, the header declares 820"):
+        CbfSource(path, verify_checksum=False)
+
+
+def test_cbf_misnamed_compression_and_bad_numbers(tmp_path):
+    data = np.arange(30 * 41, dtype=np.int32).reshape(30, 41)
+    plain = _write_cbf(tmp_path / "a.cbf", data)
+    (tmp_path / "b.cbf").write_bytes(bz2.compress(plain.read_bytes()))  # bzip2 without the suffix
+    with CbfSource(tmp_path / "b.cbf") as src:
+        assert np.array_equal(next(iter(src))[0], data)
+    odd = _write_cbf(tmp_path / "c.cbf", data, _CBF_HEADER + "# Exposure_time e s\n")
+    with pytest.raises(SourceError, match="CBF header.*'e'"):
+        CbfSource(odd)
+    huge = _write_cbf(tmp_path / "d.cbf", data, _CBF_HEADER.replace("(20.5, 15.25)", "(1e300, -1e300)"))
+    with pytest.raises(SourceError, match="beam_center"):
+        CbfSource(huge)
+
+
+# -- damaged files in a replay: one error record each, the run goes on -------------------
+def test_damaged_and_foreign_files_in_a_directory_replay(tmp_path):
+    """A truncated file, a file cut in its header (still being written), and a
+    frame of another detector (EIGER 16M among PILATUS 6M) in a directory
+    replay: one error record each in the JSONL, every other frame processed,
+    the summary counts them."""
+    import json
+    import shutil
+
+    from edge.pipeline import Pipeline
+
+    needs_real_frames()
+    shutil.copy(REAL_FRAMES / REAL_NAMES[3], tmp_path / "a_0001.cbf.bz2")
+    raw = bz2.decompress((REAL_FRAMES / REAL_NAMES[2]).read_bytes())
+    (tmp_path / "a_0002.cbf").write_bytes(raw[: len(raw) // 2])  # truncated mid-frame
+    shutil.copy(REAL_FRAMES / REAL_NAMES[3], tmp_path / "a_0003.cbf.bz2")
+    (tmp_path / "a_0004.cbf").write_bytes(raw[: raw.index(b"X-Binary-Size:")])  # cut in its header
+    eiger = REAL_FRAMES / "eiger16m_therm_0001.cbf.gz"
+    if eiger.is_file():
+        shutil.copy(eiger, tmp_path / "a_0005.cbf.gz")
+    shutil.copy(REAL_FRAMES / REAL_NAMES[3], tmp_path / "a_0006.cbf.bz2")
+    out = tmp_path / "run.jsonl"
+    pipe = Pipeline(open_source(str(tmp_path)), results=out)
+    summary = pipe.run()
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    errors = {r["frame"]: r for r in recs if r["type"] == "error"}
+    frames = [r["frame"] for r in recs if r["type"] == "frame"]
+    bad = {1: ["a_0002.cbf", "truncated"], 3: ["a_0004.cbf", "binary section header"]}
+    if eiger.is_file():
+        bad[4] = ["a_0005.cbf.gz", "(4362, 4148) differs", "(2527, 2463)"]
+    assert sorted(errors) == sorted(bad) and frames == [k for k in range(6) if k not in bad]
+    for k, words in bad.items():
+        assert errors[k]["stage"] == "source" and errors[k]["path"].endswith(words[0])
+        assert all(w in errors[k]["error"] for w in words), errors[k]
+    assert summary.frames_processed == 6 - len(bad) and summary.frames_bad == len(bad)
+    assert summary.errors == len(bad) and f"{len(bad)} unreadable frames" in summary.table()
+
+
+def test_bad_frame_without_handler_still_raises(tmp_path):
+    """Plain iteration stays strict: a damaged file is never skipped silently."""
+    path = _write_cbf(tmp_path / "a_1.cbf", np.ones((30, 41), np.int32))
+    raw = path.read_bytes()
+    (tmp_path / "a_2.cbf").write_bytes(raw[: raw.index(b"\x0c\x1a\x04\xd5") + 100])
+    src = open_source(str(tmp_path))
+    with pytest.raises(FrameError, match="a_2.cbf"):
+        list(src)
+    seen = []
+    got = [m.index for _, m in src.frames(on_error=seen.append)]
+    assert got == [0] and [e.frame for e in seen] == [1] and src.stats["bad"] == 1

@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from ..geometry import LAYOUTS
-from .base import FrameMeta, FrameSource, SourceError
+from .base import MAX_FRAME_BYTES, FrameError, FrameMeta, FrameSource, SourceError
 from .cbf import CbfSource, is_cbf
 from .eiger import EigerSource, write_eiger_master
 from .simulator import SimulatorSource
@@ -37,6 +37,8 @@ __all__ = [
     "EigerSource",
     "StreamSource",
     "SourceError",
+    "FrameError",
+    "MAX_FRAME_BYTES",
     "open_source",
     "write_eiger_master",
 ]

@@ -20,13 +20,18 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..geometry import Geometry
 
-__all__ = ["FrameMeta", "FrameSource", "SourceError"]
+__all__ = ["FrameMeta", "FrameSource", "SourceError", "FrameError", "MAX_FRAME_BYTES", "check_frame_size"]
+
+#: Default bound on one decoded frame (bytes): sizes declared in file headers
+#: are checked against it before anything is allocated. A 16M EIGER frame of
+#: uint32 is 73 MB; a damaged or hostile header can declare terabytes.
+MAX_FRAME_BYTES = 1 << 28  # 256 MiB
 
 
 class SourceError(ValueError):
@@ -44,6 +49,37 @@ class SourceError(ValueError):
         super().__init__(message)
         self.path = None if path is None else os.fspath(path)
         self.frame = frame
+
+
+class FrameError(SourceError):
+    """One frame cannot be read (damaged or vanished file, bad chunk, other shape)
+    but the source can go on with the next one.
+
+    Iterating a source raises it; :meth:`FrameSource.frames` with ``on_error``
+    reports it and continues instead (what :class:`edge.pipeline.Pipeline` does).
+    """
+
+
+def check_frame_size(shape, itemsize: int, max_frame_bytes: int, *, where: str, path=None,
+                     frame: int | None = None) -> None:
+    """Refuse a declared frame shape before allocating it.
+
+    Raises
+    ------
+    SourceError
+        A dimension is not a positive integer, or the frame would exceed
+        ``max_frame_bytes``.
+    """
+    dims = tuple(shape)
+    if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise SourceError(f"{where}: invalid frame dimensions {dims} (each must be an integer >= 1)",
+                          path=path, frame=frame)
+    nbytes = int(np.prod([int(d) for d in dims], dtype=object)) * int(itemsize)
+    if nbytes > max_frame_bytes:
+        raise SourceError(f"{where}: a frame of {' x '.join(str(int(d)) for d in dims)} pixels x {itemsize} bytes "
+                          f"= {nbytes / 2**20:.0f} MiB exceeds max_frame_bytes = {max_frame_bytes / 2**20:.0f} MiB "
+                          f"(refused before allocating; raise max_frame_bytes if the detector really is that big)",
+                          path=path, frame=frame)
 
 
 @dataclass
@@ -97,6 +133,9 @@ class FrameSource:
         Read every frame into memory before the first one is emitted.
     copy : bool
         Emit a fresh copy of each frame (the consumer may then modify it).
+    max_frame_bytes : int
+        Refuse frames whose header declares more bytes than this
+        (:data:`MAX_FRAME_BYTES` = 256 MiB by default), before allocating.
     """
 
     geometry: Geometry
@@ -104,7 +143,7 @@ class FrameSource:
     name: str = "source"
 
     def __init__(self, *, rate_hz: float | None = None, n_frames: int | None = None, loop: bool = False,
-                 preload: bool = False, copy: bool = False) -> None:
+                 preload: bool = False, copy: bool = False, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if rate_hz is not None:
             if isinstance(rate_hz, bool) or not isinstance(rate_hz, (int, float)) \
                     or not math.isfinite(rate_hz) or rate_hz <= 0:
@@ -113,6 +152,9 @@ class FrameSource:
             rate_hz = float(rate_hz)
         if n_frames is not None and (isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 0):
             raise SourceError(f"n_frames must be a non-negative integer or None, got {n_frames!r}")
+        if isinstance(max_frame_bytes, bool) or not isinstance(max_frame_bytes, int) or max_frame_bytes < 1:
+            raise SourceError(f"max_frame_bytes must be a positive integer, got {max_frame_bytes!r}")
+        self.max_frame_bytes = max_frame_bytes
         self.rate_hz = rate_hz
         self._cap = n_frames
         self.loop = bool(loop)
@@ -121,7 +163,7 @@ class FrameSource:
         self._preloaded: list | None = None
         self._closed = False
         #: Pacing counters of the last iteration: frames emitted late, schedule re-anchors.
-        self.stats = {"emitted": 0, "late": 0, "reanchors": 0}
+        self.stats = {"emitted": 0, "late": 0, "reanchors": 0, "bad": 0}
 
     # -- to implement ------------------------------------------------------------
     def _length(self) -> int | None:
@@ -158,6 +200,20 @@ class FrameSource:
             self._preloaded = [self._read(k) for k in range(length)]
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        return self.frames()
+
+    def frames(self, on_error: Callable[[FrameError], None] | None = None
+               ) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        """Iterate ``(frame, meta)``; ``iter(source)`` is ``source.frames()``.
+
+        Parameters
+        ----------
+        on_error : callable, optional
+            Called with each :class:`FrameError` (a frame that cannot be read;
+            ``exc.frame`` is its index, ``exc.path`` its file); iteration then
+            goes on with the next frame, whose index stays what it would have
+            been. None: the error is raised and iteration ends.
+        """
         self.prepare()
         length = self._length()
         if length is None and self._preloaded is not None:
@@ -166,7 +222,7 @@ class FrameSource:
         if length == 0:
             return
         period = None if self.rate_hz is None else 1.0 / self.rate_hz
-        self.stats = {"emitted": 0, "late": 0, "reanchors": 0}
+        self.stats = {"emitted": 0, "late": 0, "reanchors": 0, "bad": 0}
         due = None
         k = 0
         while total is None or k < total:
@@ -176,7 +232,16 @@ class FrameSource:
                 frame, info, truth = self._preloaded[j]
                 info = dict(info)
             else:
-                frame, info, truth = self._read(j)
+                try:
+                    frame, info, truth = self._read(j)
+                except FrameError as exc:
+                    if on_error is None:
+                        raise
+                    exc.frame = k  # the index this frame would have had in the run
+                    self.stats["bad"] += 1
+                    on_error(exc)
+                    k += 1
+                    continue
             if self.copy:
                 frame = frame.copy()
             if length is not None and self.loop:

@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import base64
+import bz2
 import glob as _glob
+import gzip
 import hashlib
+import io
+import lzma
+import math
 import os
 import re
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..geometry import Geometry
-from .base import FrameSource, SourceError
+from .base import FrameError, FrameSource, SourceError, check_frame_size
 
 __all__ = ["CbfSource", "is_cbf"]
 
 _CBF_SUFFIXES = (".cbf", ".cbf.bz2", ".cbf.gz")
+_SECTION = b"--CIF-BINARY-FORMAT-SECTION--"
+_STARTER = b"\x0c\x1a\x04\xd5"  # start of the binary data (CBF spec)
+# fabio looks for the binary section in the first 16 blocks of 512 bytes only
+_HEADER_WINDOW = 16 * 512
+# element types fabio reads (fabio.cbfimage.DATA_TYPES): name -> numpy dtype
+_ELEMENT_TYPES = {
+    "signed 8-bit integer": np.int8, "signed 16-bit integer": np.int16, "signed 32-bit integer": np.int32,
+    "signed 64-bit integer": np.int64, "unsigned 8-bit integer": np.uint8, "unsigned 16-bit integer": np.uint16,
+    "unsigned 32-bit integer": np.uint32, "unsigned 64-bit integer": np.uint64,
+}
 
 
 def _natural_key(path: str) -> list:
@@ -29,7 +45,17 @@ def is_cbf(path: str) -> bool:
 
 def _header_number(header: str, key: str) -> float | None:
     m = re.search(rf"{key}\s+([-+0-9.eE]+)", header)
-    return float(m.group(1)) if m else None
+    try:
+        value = float(m.group(1)) if m else None
+    except ValueError:  # "e", "1e5e5": a damaged header
+        return None
+    return value if value is None or math.isfinite(value) else None
+
+
+def _header_text(header: dict) -> str:
+    """``_array_data.header_contents`` as text (fabio gives bytes when it is not ASCII)."""
+    text = header.get("_array_data.header_contents", "")
+    return text.decode("latin-1") if isinstance(text, (bytes, bytearray)) else str(text)
 
 
 class CbfSource(FrameSource):
@@ -61,7 +87,7 @@ class CbfSource(FrameSource):
         self.paths = _expand_cbf(paths)
         self.verify_checksum = verify_checksum
         first, header = self._decode(0)
-        text = header.get("_array_data.header_contents", "")
+        text = _header_text(header)
         try:
             self.geometry = Geometry.from_cbf_header(text, first.shape, mask=first >= 0)
         except ValueError as exc:
@@ -75,55 +101,40 @@ class CbfSource(FrameSource):
         return len(self.paths)
 
     def _decode(self, k: int) -> tuple[np.ndarray, dict]:
-        from fabio.cbfimage import DATA_TYPES, CbfImage
-        from fabio.compression import decByteOffset
+        from fabio.cbfimage import CbfImage
 
         path = self.paths[k]
         where = f"{path} (frame {k})"
+        # Read the file once and check the whole layout on these bytes before
+        # fabio sees them: fabio loops forever on a file cut inside its binary
+        # section header (a file still being written looks like that).
+        blob = _read_limited(path, 4 * self.max_frame_bytes + (1 << 20), where=where, frame=k)
+        mime = _check_layout(blob, where=where, path=path, frame=k)
+        nx, ny, n, size, dtype = _binary_format(mime, self.max_frame_bytes, where=where, path=path, frame=k)
         try:
             img = CbfImage()
-            raw = img.read(path, only_raw=True)  # header parsed, binary section undecoded
+            img.read(io.BytesIO(blob), only_raw=True)  # the CIF header: _array_data.header_contents
             header = img.header
-            if header.get("conversions") != "x-CBF_BYTE_OFFSET":
-                raise SourceError(f"{where}: unsupported CBF compression {header.get('conversions')!r}",
-                                  path=path, frame=k)
-            nx = int(header["X-Binary-Size-Fastest-Dimension"])
-            ny = int(header["X-Binary-Size-Second-Dimension"])
-            size = int(header["X-Binary-Size"])
-            if len(raw) < size:
-                raise SourceError(f"{where}: truncated CBF: {len(raw)} of {size} binary bytes present",
-                                  path=path, frame=k)
-            raw = raw[:size]
-            if self.verify_checksum and "Content-MD5" in header:
-                got = base64.b64encode(hashlib.md5(raw).digest()).decode()
-                if got != header["Content-MD5"].strip():
-                    raise SourceError(f"{where}: corrupt CBF: Content-MD5 mismatch (header "
-                                      f"{header['Content-MD5']}, data {got})", path=path, frame=k)
-            etype = header.get("X-Binary-Element-Type", "signed 32-bit integer")
-            if etype not in DATA_TYPES:
-                raise SourceError(f"{where}: unsupported CBF element type {etype!r}", path=path, frame=k)
-            dtype = np.dtype(DATA_TYPES[etype])
-            data = decByteOffset(raw, size=nx * ny, dtype=dtype)
-            n = int(header.get("X-Binary-Number-of-Elements", nx * ny))
-            if len(data) != nx * ny or n != nx * ny:
-                raise SourceError(f"{where}: corrupt CBF: {len(data)} elements decoded, header says {n} "
-                                  f"= {ny} x {nx}", path=path, frame=k)
-        except SourceError:
-            raise
-        except FileNotFoundError as exc:
-            raise SourceError(f"{where}: file not found", path=path, frame=k) from exc
-        except Exception as exc:  # fabio/bz2 raise many types on damaged files
-            raise SourceError(f"{where}: cannot read CBF (truncated, corrupt or not a CBF file): "
-                              f"{type(exc).__name__}: {exc}",
-                              path=path, frame=k) from exc
-        return np.ascontiguousarray(data.reshape(ny, nx)), header
+        except Exception as exc:  # fabio raises many types on damaged headers
+            raise FrameError(f"{where}: cannot read the CBF header (corrupt or not a CBF file): "
+                             f"{type(exc).__name__}: {exc}", path=path, frame=k) from exc
+        start = blob.index(_STARTER, blob.index(_SECTION)) + len(_STARTER)
+        raw = blob[start:start + size]
+        if self.verify_checksum and "Content-MD5" in mime:
+            got = base64.b64encode(hashlib.md5(raw).digest()).decode()
+            if got != mime["Content-MD5"]:
+                raise FrameError(f"{where}: corrupt CBF: Content-MD5 mismatch (header "
+                                 f"{mime['Content-MD5']}, data {got})", path=path, frame=k)
+        data = _decode_byte_offset(raw, n, dtype, where=where, path=path, frame=k)
+        return data.reshape(ny, nx), header
 
     def _read(self, k: int) -> tuple[np.ndarray, dict, frozenset]:
         frame, header = self._decode(k)
         if frame.shape != self.geometry.shape:
-            raise SourceError(f"{self.paths[k]} (frame {k}): shape {frame.shape} differs from the first "
-                              f"file's {self.geometry.shape}", path=self.paths[k], frame=k)
-        text = header.get("_array_data.header_contents", "")
+            raise FrameError(f"{self.paths[k]} (frame {k}): frame shape {frame.shape} differs from the first "
+                             f"file's {self.geometry.shape} (another detector? one run replays one detector)",
+                             path=self.paths[k], frame=k)
+        text = _header_text(header)
         info = {"path": self.paths[k], "frame_in_file": 0,
                 "exposure_s": _header_number(text, "Exposure_time"),
                 "frame_time_s": _header_number(text, "Exposure_period")}
@@ -152,3 +163,135 @@ def _expand_cbf(paths) -> list[str]:
         if not os.path.isfile(f):
             raise SourceError(f"CBF file not found: {f!r}", path=f)
     return found
+
+
+def _read_limited(path: str, limit: int, *, where: str, frame: int) -> bytes:
+    """The whole (decompressed) file, refusing more than ``limit`` bytes.
+
+    Compression is recognised by its magic bytes (bzip2, gzip, xz), not the name.
+    """
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+            fh.seek(0)
+            if magic.startswith(b"BZh"):
+                stream = bz2.BZ2File(fh)
+            elif magic.startswith(b"\x1f\x8b"):
+                stream = gzip.GzipFile(fileobj=fh)
+            elif magic.startswith(b"\xfd7zXZ"):
+                stream = lzma.LZMAFile(fh)
+            else:
+                stream = fh
+            with stream:
+                blob = stream.read(limit + 1)
+    except FileNotFoundError as exc:
+        raise FrameError(f"{where}: file not found (removed during the replay?)", path=path, frame=frame) from exc
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # truncated or corrupt compressed stream
+        raise FrameError(f"{where}: cannot read CBF (truncated or corrupt compressed file): "
+                         f"{type(exc).__name__}: {exc}", path=path, frame=frame) from exc
+    if len(blob) > limit:
+        raise FrameError(f"{where}: file larger than {limit} bytes (decompressed): not a one-frame CBF within "
+                         f"max_frame_bytes", path=path, frame=frame)
+    return blob
+
+
+def _check_layout(blob: bytes, *, where: str, path: str, frame: int) -> dict[str, str]:
+    """Check that the binary section is complete; return its MIME header fields.
+
+    The CBF layout: CIF text, ``--CIF-BINARY-FORMAT-SECTION--``, MIME header
+    lines, a blank line, the start marker 0C 1A 04 D5, ``X-Binary-Size``
+    bytes of data.
+    """
+    def refuse(why: str) -> FrameError:
+        return FrameError(f"{where}: cannot read CBF (truncated or not a CBF file): {why}", path=path, frame=frame)
+
+    sec = blob.find(_SECTION, 0, _HEADER_WINDOW + len(_SECTION))
+    if sec < 0 or sec + len(_SECTION) > _HEADER_WINDOW:
+        if b"_array_data" not in blob[:_HEADER_WINDOW]:
+            raise refuse("no CIF header")
+        raise refuse(f"no {_SECTION.decode()} marker in the first {_HEADER_WINDOW} bytes")
+    body = sec + len(_SECTION)
+    start = blob.find(_STARTER, body)
+    if start < 0:
+        raise refuse(f"the file ends inside the binary section header ({len(blob)} bytes, no binary start marker)")
+    head = blob[body:start]
+    if not (head.endswith(b"\n\r\n") or head.endswith(b"\n\n")):
+        raise refuse("no blank line between the binary section header and the data")
+    text = head.decode("latin-1")
+    mime: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            mime[key.strip()] = value.strip(' "\t;')
+    # a MIME parameter of Content-Type, on its own line or not
+    m = re.search(r'conversions\s*=\s*"?([^";\s]*)', text)
+    mime["conversions"] = m.group(1) if m else ""
+    try:
+        size = int(mime["X-Binary-Size"])
+    except (KeyError, ValueError):
+        raise refuse(f"X-Binary-Size missing or not an integer ({mime.get('X-Binary-Size')!r})") from None
+    if size < 0:
+        raise refuse(f"negative X-Binary-Size {size}")
+    have = len(blob) - start - len(_STARTER)
+    if have < size:
+        raise FrameError(f"{where}: truncated CBF: {have} of {size} binary bytes present", path=path, frame=frame)
+    return mime
+
+
+def _binary_format(mime: dict[str, str], max_frame_bytes: int, *, where: str, path: str, frame: int):
+    """``(nx, ny, n, size, dtype)`` from the binary section header, all checked."""
+    conv = mime.get("conversions", "")
+    if conv != "x-CBF_BYTE_OFFSET":
+        raise FrameError(f"{where}: unsupported CBF compression {conv!r}: fabio (and so this reader) decodes "
+                         f"x-CBF_BYTE_OFFSET only (convert with CBFlib's cbf2cbf or DIALS' dials.export)",
+                         path=path, frame=frame)
+    etype = mime.get("X-Binary-Element-Type", "signed 32-bit integer")
+    if etype not in _ELEMENT_TYPES:
+        raise FrameError(f"{where}: unsupported CBF element type {etype!r}; known: {sorted(_ELEMENT_TYPES)}",
+                         path=path, frame=frame)
+    dtype = np.dtype(_ELEMENT_TYPES[etype])
+    dims = []
+    for key in ("X-Binary-Size-Fastest-Dimension", "X-Binary-Size-Second-Dimension"):
+        try:
+            dims.append(int(mime[key]))
+        except (KeyError, ValueError):
+            raise FrameError(f"{where}: {key} missing or not an integer ({mime.get(key)!r})",
+                             path=path, frame=frame) from None
+    third = mime.get("X-Binary-Size-Third-Dimension", "1")
+    if third.strip() not in ("1", ""):
+        raise FrameError(f"{where}: X-Binary-Size-Third-Dimension = {third}: multi-frame CBFs are not supported",
+                         path=path, frame=frame)
+    nx, ny = dims
+    check_frame_size((ny, nx), dtype.itemsize, max_frame_bytes, where=where, path=path, frame=frame)
+    n = nx * ny
+    declared = mime.get("X-Binary-Number-of-Elements")
+    if declared is not None and declared != str(n):
+        raise FrameError(f"{where}: corrupt CBF: X-Binary-Number-of-Elements {declared} != {ny} x {nx}",
+                         path=path, frame=frame)
+    size = int(mime["X-Binary-Size"])
+    if n > size:  # byte offset takes at least one byte per element
+        raise FrameError(f"{where}: corrupt CBF: {ny} x {nx} elements cannot fit in {size} binary bytes",
+                         path=path, frame=frame)
+    return nx, ny, n, size, dtype
+
+
+def _decode_byte_offset(raw: bytes, n: int, dtype: np.dtype, *, where: str, path: str, frame: int) -> np.ndarray:
+    """Decode exactly ``n`` byte-offset elements of ``dtype`` (fabio's decoder)."""
+    from fabio.compression import decByteOffset
+
+    wide = dtype != np.int32
+    try:
+        # one element more than declared exposes trailing data
+        data = np.asarray(decByteOffset(raw, size=n + 1, dtype="int64" if wide else "int32"))
+    except Exception as exc:
+        raise FrameError(f"{where}: corrupt CBF: byte-offset data do not decode: {type(exc).__name__}: {exc}",
+                         path=path, frame=frame) from exc
+    if len(data) != n:
+        got = f"more than {n}" if len(data) > n else f"only {len(data)}"
+        raise FrameError(f"{where}: corrupt CBF: {got} elements decoded, the header declares {n}",
+                         path=path, frame=frame)
+    if wide:
+        # writers (CBFlib, fabio) take differences modulo the element width:
+        # wrap-around on the cast is the format, not an error
+        data = data.astype(dtype)
+    return np.ascontiguousarray(data)

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..geometry import Geometry
-from .base import FrameSource, SourceError
+from .base import FrameError, FrameSource, SourceError, check_frame_size
 
 __all__ = ["EigerSource", "write_eiger_master"]
 
@@ -178,7 +178,7 @@ class EigerSource(FrameSource):
             frame = ds[j]
         except Exception as exc:  # h5py raises OSError/ValueError/RuntimeError on damaged chunks
             target = self._link_target(name)
-            raise SourceError(f"{target}: cannot read frame {k} (/entry/data/{name}[{j}]): "
+            raise FrameError(f"{target}: cannot read frame {k} (/entry/data/{name}[{j}]): "
                               f"{type(exc).__name__}: {exc}", path=target, frame=k) from exc
         info = {"path": self.path, "dataset": name, "frame_in_file": j,
                 "exposure_s": self.count_time, "frame_time_s": self.frame_time}
