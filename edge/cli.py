@@ -5,26 +5,101 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
+class _Parser(argparse.ArgumentParser):
+    """One line on stderr and exit code 2 for every command-line mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (a file, a combination): one line, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
 
 
-def _rate(text: str):
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def rate(text: str):
+    """Frames per second > 0, ``file`` or ``max``."""
     if text in ("file", "max"):
         return text
-    v = float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"rate must be > 0 Hz, 'file' or 'max', got {text}")
-    return v
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a frame rate > 0 Hz, 'file' or 'max', got {text!r}") from None
+
+
+def rate_list(text: str) -> list[float]:
+    """Comma-separated ascending rates > 0 (Hz)."""
+    try:
+        rates = [positive_float(r.strip()) for r in text.split(",") if r.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"comma-separated rates > 0 Hz expected: {exc}") from None
+    if not rates:
+        raise argparse.ArgumentTypeError("needs at least one rate (Hz), e.g. 25,50,100")
+    return sorted(rates)
+
+
+def layout_list(text: str) -> list[str]:
+    """Comma-separated simulator layouts."""
+    from .geometry import LAYOUTS
+
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in LAYOUTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown layout(s) {bad or [text]}; known: {', '.join(sorted(LAYOUTS))}")
+    return names
+
+
+def _writable(path: str | os.PathLike, option: str, created: list[Path]) -> Path:
+    """Create ``path`` (and its directories) now, before any slow work, so that
+    an unwritable file is a usage error; what was created is appended to
+    ``created`` for :func:`_remove` if a later check fails."""
+    p = Path(path)
+    try:
+        missing = [d for d in reversed(p.parents) if not d.exists()]
+        p.parent.mkdir(parents=True, exist_ok=True)
+        created.extend(missing)
+        if not p.exists():
+            p.open("a", encoding="utf-8").close()
+            created.append(p)
+        elif not p.is_file() or not os.access(p, os.W_OK):
+            raise IsADirectoryError(21, "not a writable file") if p.is_dir() else PermissionError(13, "not writable")
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+    return p
+
+
+def _remove(created: list[Path]) -> None:
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() else p.unlink()
 
 
 class _Status:
@@ -84,25 +159,66 @@ class _Status:
             self.stream.write("\n")
 
 
-def cmd_run(args) -> int:
-    import numba
+def _check_run_args(args, source_kind: str) -> None:
+    """Every argument check that needs no slow work; raises UsageError."""
+    if args.layout is not None and source_kind not in ("sim", "scenario"):
+        raise UsageError(f"--layout {args.layout} applies to the simulator ('sim', 'scenario') only; a file "
+                         f"source has its own detector shape")
+    emulator = not args.dry_run and not args.port
+    for option, value in (("--emulator-attenuation", args.emulator_attenuation),
+                          ("--applied-log", args.applied_log)):
+        if value is not None and not emulator:
+            raise UsageError(f"{option} applies to the built-in emulator only (not with "
+                             f"{'--dry-run' if args.dry_run else '--port'})")
+    if args.model is not None:
+        if args.no_model:
+            raise UsageError("--model and --no-model contradict each other")
+        m = Path(args.model)
+        if not m.is_file():
+            raise UsageError(f"--model {args.model}: no such file")
+        if m.suffix.lower() != ".tflite":
+            raise UsageError(f"--model {args.model}: not a TFLite model (expected a .tflite file with its "
+                             f"model_card.json beside it)")
+    if args.port and not args.dry_run and args.port.startswith("/") and not os.path.exists(args.port):
+        raise UsageError(f"--port {args.port}: no such device")
+    if args.rate == "file" and source_kind in ("sim", "scenario"):
+        raise UsageError("--rate file needs a file source (CBF, Eiger) that records its frame time")
 
+
+def cmd_run(args) -> int:
     import firmware_bridge as fb
 
-    from . import warmup
-    from .pipeline import Pipeline
     from .policy import Policy, PolicyConfigError
     from .sources import SourceError, open_source
 
-    if args.threads:
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    source_kind = args.source.split(":")[0]
+    created: list[Path] = []  # files and directories to remove if a later check fails
     try:
-        policy = Policy.from_toml(args.config, dry_run=args.dry_run, limits=args.limits)
-    except (PolicyConfigError, fb.ConfigError, OSError) as exc:
-        print(f"edge run: policy: {exc}", file=sys.stderr)
+        _check_run_args(args, source_kind)
+        try:
+            limits = fb.Limits.load(args.limits)
+        except fb.ConfigError as exc:
+            raise UsageError(f"--limits: {exc}") from None
+        try:
+            policy = Policy.from_toml(args.config, dry_run=args.dry_run, limits=limits)
+        except PolicyConfigError as exc:
+            raise UsageError(f"--config: {exc}") from None
+        attenuation = 4 if args.emulator_attenuation is None else args.emulator_attenuation
+        if not args.dry_run and not args.port:
+            try:
+                fb.validate("set_attenuation", limits=limits, level=attenuation)
+            except fb.BridgeError as exc:
+                raise UsageError(f"--emulator-attenuation {attenuation}: {exc}") from None
+        results = _writable(args.results or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl"), "--results",
+                            created)
+        if args.applied_log:
+            _writable(args.applied_log, "--applied-log", created)
+    except UsageError as exc:
+        _remove(created)
+        print(f"edge run: {exc}", file=sys.stderr)
         return 2
     src_kw = {}
-    if args.source.split(":")[0] in ("sim", "scenario") and args.layout:
+    if source_kind in ("sim", "scenario") and args.layout:
         src_kw["layout"] = args.layout
     if args.source.startswith("tcp://"):  # live Stream V2 detector: it sets the pace
         if args.rate is not None or args.loop:
@@ -116,12 +232,13 @@ def cmd_run(args) -> int:
         return 2
     rate = args.rate
     if rate is None:  # the simulator stands in for a live detector: pace it like one
-        rate = 100.0 if args.source.split(":")[0] in ("sim", "scenario") else "max"
+        rate = 100.0 if source_kind in ("sim", "scenario") else "max"
     try:
         source = open_source(args.source, rate_hz=None if rate == "max" else rate, n_frames=args.frames,
                              loop=args.loop, **src_kw)
     except SourceError as exc:
-        print(f"edge run: source: {exc}", file=sys.stderr)
+        _remove(created)
+        print(f"edge run: --source: {exc}", file=sys.stderr)
         return 2
     model = None
     if not args.no_model:
@@ -130,15 +247,17 @@ def cmd_run(args) -> int:
         try:
             model = AnomalyModel.load(args.model, num_threads=args.model_threads)
         except AnomalyError as exc:
-            print(f"edge run: model: {exc}", file=sys.stderr)
+            source.close()
+            _remove(created)
+            print(f"edge run: --model: {exc}", file=sys.stderr)
             return 2
-    results = args.results or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl")
-    header = _run_header(args, source, policy, model, results)
-    web = None
-    if args.web is not None:  # bound before the warm-up: a busy port fails at once
-        web = _start_web(args.web, "edge run", header=header, save_dir=results)
-        if web is None:
-            return 2
+    import numba
+
+    from . import warmup
+    from .pipeline import Pipeline
+
+    if args.threads:
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     print(f"edge run: source {source!r}, warming up kernels ...", file=sys.stderr)
     warmup(features=model is not None)
     if model is not None:
@@ -154,7 +273,7 @@ def cmd_run(args) -> int:
             print("edge run: dry run: commands are validated and logged, never sent", file=sys.stderr)
         elif args.port:
             try:
-                bridge = stack.enter_context(fb.connect(args.port, limits=args.limits))
+                bridge = stack.enter_context(fb.connect(args.port, limits=limits))
             except fb.BridgeError as exc:
                 print(f"edge run: cannot connect to {args.port}: {exc}", file=sys.stderr)
                 return 2
@@ -164,13 +283,13 @@ def cmd_run(args) -> int:
 
             emu = start_pty_emulator(applied_log=args.applied_log)
             stack.callback(emu.stop)
-            bridge = stack.enter_context(fb.connect(emu.port, limits=args.limits))
+            bridge = stack.enter_context(fb.connect(emu.port, limits=limits))
             # the emulated instrument boots fully attenuated with the shutter
             # closed; set it up as an operator would before collecting data
-            bridge.send("set_attenuation", level=args.emulator_attenuation)
+            bridge.send("set_attenuation", level=attenuation)
             bridge.send("open_shutter")
             print(f"edge run: built-in instrument emulator on pty {emu.port} (attenuation "
-                  f"{args.emulator_attenuation}, shutter open; use --port for a real device)", file=sys.stderr)
+                  f"{attenuation}, shutter open; use --port for a real device)", file=sys.stderr)
         if bridge is not None:
             state = bridge.state()
             if state is not None:
@@ -325,19 +444,21 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    created: list[Path] = []
+    try:
+        out = _writable(Path(args.out).with_suffix(".json"), "--out", created)
+        _writable(out.with_suffix(".md"), "--out", created)
+    except UsageError as exc:
+        _remove(created)
+        print(f"edge bench: {exc}", file=sys.stderr)
+        return 2
     from .latency import benchmark, to_markdown, write_results
 
-    if args.web_clients:
-        return _bench_web(args)
-
-    layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
-    rates = [float(r) for r in args.rates.split(",")]
-    res = benchmark(layouts, latency_rate=args.rate, n_frames=args.frames, rates=rates,
+    res = benchmark(args.layouts, latency_rate=args.rate, n_frames=args.frames, rates=args.rates,
                     use_model=not args.no_model)
-    out = Path(args.out)
-    write_results(res, out.with_suffix(".json"), out.with_suffix(".md"))
+    write_results(res, out, out.with_suffix(".md"))
     print(to_markdown(res))
-    print(f"written: {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(f"written: {out} and {out.with_suffix('.md')}")
     return 0
 
 
@@ -419,7 +540,9 @@ def cmd_ports(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge", description="Real-time X-ray detector processing beside the detector.")
+    from .geometry import LAYOUTS
+
+    p = _Parser(prog="edge", description="Real-time X-ray detector processing beside the detector.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="process frames, flag anomalies, send corrections",
@@ -427,10 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "built-in instrument emulator on a pty.")
     r.add_argument("--source", default="scenario",
                    help="'scenario' (default), 'sim', 'scenario:FILE.toml', a CBF file/dir/glob or an Eiger *_master.h5")
-    r.add_argument("--layout", default=None, help="simulated detector: 1m (default), 4m, 9m, 16m")
-    r.add_argument("--frames", type=_positive_int, default=None, help="stop after this many frames")
-    r.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    r.add_argument("--rate", type=_rate, default=None,
+    r.add_argument("--layout", default=None, choices=sorted(LAYOUTS), type=str.lower,
+                   help="simulated detector: 1m (default), 4m, 9m, 16m, pilatus-6m")
+    r.add_argument("--frames", type=positive_int, default=None, help="stop after this many frames")
+    r.add_argument("--duration", type=positive_float, default=None, help="stop after this many seconds")
+    r.add_argument("--rate", type=rate, default=None,
                    help="frame rate in Hz, 'file' (the file's frame rate) or 'max' (as fast as processing goes); "
                         "default 100 Hz for the simulator, 'max' for files")
     r.add_argument("--loop", action="store_true", help="replay a file source from the start when it ends")
@@ -441,12 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limits", default=None, help="bridge limits TOML (default: the shipped limits.toml)")
     r.add_argument("--model", default=None, help="anomaly model .tflite (default: the shipped model)")
     r.add_argument("--no-model", action="store_true", help="run without the anomaly model")
-    r.add_argument("--model-threads", type=_positive_int, default=1, help="TFLite threads (default 1)")
-    r.add_argument("--threads", type=_positive_int, default=None, help="Numba threads (default: all cores)")
-    r.add_argument("--queue-size", type=_positive_int, default=4, help="frames buffered before dropping the oldest")
+    r.add_argument("--model-threads", type=positive_int, default=1, help="TFLite threads (default 1)")
+    r.add_argument("--threads", type=positive_int, default=None, help="Numba threads (default: all cores)")
+    r.add_argument("--queue-size", type=positive_int, default=4, help="frames buffered before dropping the oldest")
     r.add_argument("--results", default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
     r.add_argument("--applied-log", default=None, help="built-in emulator: JSON Lines log of applied commands")
-    r.add_argument("--emulator-attenuation", type=int, default=4,
+    r.add_argument("--emulator-attenuation", type=int, default=None,
                    help="built-in emulator: attenuator level set before the run (default 4)")
     r.add_argument("--quiet", action="store_true", help="no live status line")
     r.add_argument("--web", metavar="[HOST:]PORT", default=None,
@@ -480,11 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
-    b.add_argument("--layouts", default="1m,4m")
-    b.add_argument("--rate", type=float, default=50.0, help="frame rate for the latency runs (Hz)")
-    b.add_argument("--rates", default="25,50,75,100,125,150,200,250,300",
-                   help="ascending rates tried for the highest sustained rate (Hz)")
-    b.add_argument("--frames", type=_positive_int, default=300, help="frames per run")
+    b.add_argument("--layouts", type=layout_list, default="1m,4m", help="simulated layouts, e.g. 1m,4m")
+    b.add_argument("--rate", type=positive_float, default=50.0, help="frame rate for the latency runs (Hz)")
+    b.add_argument("--rates", type=rate_list, default="25,50,75,100,125,150,200,250,300",
+                   help="rates tried for the highest sustained rate (Hz)")
+    b.add_argument("--frames", type=positive_int, default=300, help="frames per run")
     b.add_argument("--no-model", action="store_true")
     b.add_argument("--out", default="runs/latency", help="output path stem (.json and .md are written)")
     b.add_argument("--web-clients", type=_positive_int, default=None, metavar="N",
@@ -515,7 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # e.g. Ctrl-C during the kernel warm-up (a running loop handles its own)
+        print(f"edge {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

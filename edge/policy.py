@@ -330,7 +330,8 @@ class Policy:
         try:
             lim = Limits.load(limits)
         except firmware_bridge.ConfigError as exc:
-            raise PolicyConfigError(f"{source}: bad bridge limits: {exc}") from exc
+            # the limits file is to blame, not the policy file
+            raise PolicyConfigError(f"bad bridge limits: {exc}") from exc
         flags = frozenset(ANOMALY_CLASSES if known_flags is None else known_flags)
         top = _Cfg(data, source, "", _TOP_KEYS)
         if top.number("version", 1, integer=True) != 1:

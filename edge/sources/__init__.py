@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from ..geometry import LAYOUTS
+from ..scenario import ScenarioError
 from .base import MAX_FRAME_BYTES, FrameError, FrameMeta, FrameSource, SourceError
 from .cbf import CbfSource, is_cbf
 from .eiger import EigerSource, write_eiger_master
@@ -98,7 +99,10 @@ def open_source(spec: str | os.PathLike, *, rate_hz: float | str | None = None, 
             else:
                 raise SourceError(f"source spec {s!r}: unknown layout {arg!r}; known: {sorted(LAYOUTS)} "
                                   f"(or a scenario .toml file)")
-        src: FrameSource = SimulatorSource(layout, scenario=scenario, **common, **kw)
+        try:
+            src: FrameSource = SimulatorSource(layout, scenario=scenario, **common, **kw)
+        except ScenarioError as exc:  # a missing or invalid scenario file: one error type for callers
+            raise SourceError(f"source spec {s!r}: {exc}", path=arg or None) from exc
     elif s.endswith(("_master.h5", ".nxs")) or (s.endswith((".h5", ".hdf5")) and os.path.isfile(s)):
         src = EigerSource(s, **common, **kw)
     elif is_cbf(s) or os.path.isdir(s) or _glob.has_magic(s):
