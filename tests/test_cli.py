@@ -139,7 +139,7 @@ def test_bad_limits_blame_the_limits_file_not_the_policy(files, capsys):
 
 def test_run_dry_run_writes_results(tmp_path, capsys):
     out = tmp_path / "sub" / "r.jsonl"
-    rc = edge_main(["run", "--source", "sim", "--frames", "30", "--no-model", "--dry-run", "--quiet",
+    rc = edge_main(["run", "--source", "sim", "--rate", "max", "--frames", "30", "--no-model", "--dry-run", "--quiet",
                     "--results", str(out)])
     assert rc == 0
     frames = [json.loads(x) for x in out.read_text().splitlines() if '"type":"frame"' in x]
@@ -149,8 +149,8 @@ def test_run_dry_run_writes_results(tmp_path, capsys):
 
 def test_layout_applies_to_the_simulator(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    assert edge_main(["run", "--source", "sim", "--layout", "4M", "--frames", "2", "--no-model", "--dry-run",
-                      "--quiet", "--results", str(out)]) == 0
+    assert edge_main(["run", "--source", "sim", "--rate", "max", "--layout", "4M", "--frames", "2", "--no-model",
+                      "--dry-run", "--quiet", "--results", str(out)]) == 0
     assert "frames in 2, processed 2" in capsys.readouterr().out
 
 
