@@ -621,3 +621,151 @@ def test_bad_frame_without_handler_still_raises(tmp_path):
     seen = []
     got = [m.index for _, m in src.frames(on_error=seen.append)]
     assert got == [0] and [e.frame for e in seen] == [1] and src.stats["bad"] == 1
+
+
+# -- Eiger: hostile or damaged masters refused at open, before allocating or blocking ---
+def _valid_master(tmp_path, name="e"):
+    return write_eiger_master(tmp_path / f"{name}_master.h5", _eiger_frames(4), _eiger_geometry(),
+                              frames_per_file=2, frame_time=0.01)
+
+
+def _open_bounded(path, timeout=30.0, **kw):
+    """EigerSource(path) in a thread with a join timeout: a hang fails the test."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["src"] = EigerSource(path, **kw)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["exc"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"opening {path} hangs"
+    if "exc" in box:
+        raise box["exc"]
+    return box["src"]
+
+
+def test_eiger_huge_declared_frame_refused_before_allocating(tmp_path):
+    import h5py
+
+    master = tmp_path / "big_master.h5"
+    geom = _eiger_geometry()
+    write_eiger_master(master, _eiger_frames(1), geom)
+    with h5py.File(tmp_path / "big_data_000001.h5", "w") as f:  # a few KB on disk, 20 GB declared
+        f.create_dataset("/entry/data/data", shape=(2, 50000, 50000), dtype=np.uint32, chunks=(1, 256, 256))
+    assert master.stat().st_size < 64 * 1024
+    with pytest.raises(SourceError, match="max_frame_bytes") as ei:
+        _open_bounded(master)
+    assert "50000 x 50000" in str(ei.value) and "big_data_000001.h5" in str(ei.value)
+    ok = _valid_master(tmp_path)
+    with pytest.raises(SourceError, match="max_frame_bytes"):  # the bound is configurable
+        _open_bounded(ok, max_frame_bytes=1000)
+    assert _open_bounded(ok, max_frame_bytes=64 * 48 * 4).n_frames == 4
+    with pytest.raises(SourceError, match="max_frame_bytes"):
+        open_source(str(ok), max_frame_bytes=0)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "nested_fifo", "directory"])
+def test_eiger_external_link_to_special_file_refused(tmp_path, kind):
+    import os
+
+    import h5py
+
+    master = _valid_master(tmp_path)
+    special = tmp_path / "special.h5"
+    if kind in ("fifo", "nested_fifo"):
+        os.mkfifo(special)
+    elif kind == "device":
+        special = Path("/dev/zero")
+    else:
+        special.mkdir()
+    link_file, link_path = str(special), "/entry/data/data"
+    if kind == "nested_fifo":  # a regular data file whose dataset links on to the FIFO
+        with h5py.File(tmp_path / "hop.h5", "w") as f:
+            f["/entry/data/data"] = h5py.ExternalLink(str(special), "/entry/data/data")
+        link_file = "hop.h5"
+    with h5py.File(master, "a") as f:
+        del f["/entry/data/data_000002"]
+        f["/entry/data/data_000002"] = h5py.ExternalLink(link_file, link_path)
+    try:
+        with pytest.raises(SourceError) as ei:
+            _open_bounded(master)
+    finally:
+        if kind in ("fifo", "nested_fifo"):  # release a reader a regression left blocked
+            try:
+                os.close(os.open(special, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    want = {"fifo": "a FIFO", "nested_fifo": "a FIFO", "device": "a device", "directory": "a directory"}[kind]
+    assert want in str(ei.value) and "data_000002" in str(ei.value), str(ei.value)
+
+
+def _set(master, path, value, **attrs):
+    import h5py
+
+    with h5py.File(master, "a") as f:
+        if path in f:
+            del f[path]
+        if isinstance(value, h5py.SoftLink):
+            f[path] = value
+            return
+        ds = f.create_dataset(path, data=value)
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("/entry/instrument/detector/x_pixel_size", "75e-6", ["x_pixel_size", "one real number"]),
+    ("/entry/instrument/detector/x_pixel_size", np.array([75e-6, 75e-6]), ["x_pixel_size", "shape (2,)"]),
+    ("/entry/instrument/detector/x_pixel_size", True, ["x_pixel_size", "bool"]),
+    ("/entry/instrument/detector/x_pixel_size", 1 + 2j, ["x_pixel_size", "complex"]),
+    ("/entry/instrument/detector/beam_center_x", 1e300, ["beam_center"]),
+    ("/entry/instrument/detector/beam_center_y", -1e300, ["beam_center"]),
+    ("/entry/instrument/detector/beam_center_x", np.nan, ["beam_center"]),
+    ("/entry/instrument/detector/detector_distance", -0.15, ["distance_mm"]),
+    ("/entry/instrument/detector/detector_distance", 1e30, ["distance_mm"]),
+    ("/entry/instrument/beam/incident_wavelength", 0.0, ["wavelength_A"]),
+    ("/entry/instrument/detector/x_pixel_size", -75e-6, ["-0.075"]),
+    ("/entry/instrument/detector/frame_time", -1.0, ["frame_time"]),
+    ("/entry/instrument/detector/detectorSpecific/countrate_correction_count_cutoff", np.inf, ["saturation"]),
+    ("/entry/instrument/detector/detectorSpecific/pixel_mask", np.zeros((3, 3), np.uint32), ["pixel_mask"]),
+])
+def test_eiger_bad_header_values_are_source_errors(tmp_path, path, value, words):
+    master = _valid_master(tmp_path)
+    _set(master, path, value)
+    with pytest.raises(SourceError) as ei:
+        open_source(str(master))
+    assert all(w in str(ei.value) for w in words), str(ei.value)
+
+
+def test_eiger_soft_link_loops_are_source_errors(tmp_path):
+    import h5py
+
+    master = _valid_master(tmp_path)
+    det = "/entry/instrument/detector"
+    _set(master, f"{det}/x_pixel_size", h5py.SoftLink(f"{det}/loop"))
+    _set(master, f"{det}/loop", h5py.SoftLink(f"{det}/x_pixel_size"))
+    with pytest.raises(SourceError, match="x_pixel_size"):
+        _open_bounded(master)
+    master = _valid_master(tmp_path, "g")
+    _set(master, "/entry/data/data_000002", h5py.SoftLink("/entry/data/data_000003"))
+    _set(master, "/entry/data/data_000003", h5py.SoftLink("/entry/data/data_000002"))
+    with pytest.raises(SourceError, match="data_00000[23]"):
+        _open_bounded(master)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.bool_, "S4", "str"])
+def test_eiger_unusable_pixel_types_refused_at_open(tmp_path, dtype):
+    import h5py
+
+    master = _valid_master(tmp_path)
+    with h5py.File(tmp_path / "e_data_000001.h5", "w") as f:
+        f.create_dataset("/entry/data/data", shape=(2, 64, 48),
+                         dtype=h5py.string_dtype() if dtype == "str" else dtype)
+    with pytest.raises(SourceError, match="pixel type"):
+        _open_bounded(master)

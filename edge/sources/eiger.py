@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +22,9 @@ _SPEC = _DET + "/detectorSpecific"
 _LENGTH_UNITS = {"m": 1e3, "meter": 1e3, "metre": 1e3, "mm": 1.0, "millimeter": 1.0, "um": 1e-3,
                  "micron": 1e-3, "µm": 1e-3}
 _WAVE_UNITS = {"angstrom": 1.0, "a": 1.0, "å": 1.0, "nm": 10.0, "m": 1e10}
+# pixel types the kernels take (edge._validate); complex, bool, strings are refused at open
+_PIXEL_TYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64,
+                                      np.float16, np.float32, np.float64)}
 
 
 def _import_h5():
@@ -59,15 +63,23 @@ class EigerSource(FrameSource):
         super().__init__(**kw)
         h5py = _import_h5()
         self.path = os.fspath(master)
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise SourceError(f"Eiger master file not found: {self.path!r}", path=self.path)
+        _check_regular(self.path, f"Eiger master file {self.path}")
         try:
             self._file = h5py.File(self.path, "r")
-        except OSError as exc:
+        except Exception as exc:  # OSError, and others on damaged files
             raise SourceError(f"{self.path}: cannot open HDF5 master file: {exc}", path=self.path) from exc
         try:
-            self.geometry, self.frame_time, self.count_time = self._geometry()
             self._datasets = self._open_datasets()
+            self.geometry, self.frame_time, self.count_time = self._geometry()
+        except SourceError:
+            self._file.close()
+            raise
+        except Exception as exc:  # h5py raises many types on damaged or hostile files
+            self._file.close()
+            raise SourceError(f"{self.path}: cannot read the Eiger master file: {type(exc).__name__}: {exc}",
+                              path=self.path) from exc
         except BaseException:
             self._file.close()
             raise
@@ -76,23 +88,37 @@ class EigerSource(FrameSource):
 
     # -- metadata ----------------------------------------------------------------
     def _field(self, path: str, *, required: bool = True, units: Mapping[str, float] | None = None,
-               default_unit: str | None = None):
-        if path not in self._file:
-            if required:
-                raise SourceError(f"{self.path}: required field {path} is missing", path=self.path)
-            return None
-        ds = self._file[path]
-        value = ds[()]
+               default_unit: str | None = None) -> float | None:
+        """A single real number from the master file (None if absent and not required)."""
+        where = f"{self.path}: {path}"
+        try:
+            if path not in self._file:
+                if required:
+                    raise SourceError(f"{self.path}: required field {path} is missing", path=self.path)
+                return None
+            ds = self._file[path]
+            if not hasattr(ds, "dtype") or not hasattr(ds, "shape"):
+                raise SourceError(f"{where} must be a dataset holding one number, got {type(ds).__name__}",
+                                  path=self.path)
+            if ds.dtype.kind not in "iuf" or ds.size != 1:
+                raise SourceError(f"{where} must hold one real number, got dtype {ds.dtype} with shape {ds.shape}",
+                                  path=self.path)
+            value = float(np.asarray(ds[()]).reshape(-1)[0])
+            unit = ds.attrs.get("units", default_unit) if units is not None else None
+        except SourceError:
+            raise
+        except Exception as exc:  # soft-link loops, damaged objects
+            raise SourceError(f"{where}: cannot read: {type(exc).__name__}: {exc}", path=self.path) from exc
         if units is None:
             return value
-        unit = ds.attrs.get("units", default_unit)
+        if isinstance(unit, np.ndarray) and unit.size == 1:
+            unit = unit.reshape(-1)[0]
         if isinstance(unit, bytes):
-            unit = unit.decode()
+            unit = unit.decode("utf-8", "replace")
         scale = units.get(str(unit).strip().lower())
         if scale is None:
-            raise SourceError(f"{self.path}: {path} has unsupported units {unit!r} "
-                              f"(known: {sorted(units)})", path=self.path)
-        return float(value) * scale
+            raise SourceError(f"{where} has unsupported units {unit!r} (known: {sorted(units)})", path=self.path)
+        return value * scale
 
     def _geometry(self) -> tuple[Geometry, float | None, float | None]:
         px = self._field(f"{_DET}/x_pixel_size", units=_LENGTH_UNITS, default_unit="m")
@@ -101,27 +127,39 @@ class EigerSource(FrameSource):
             raise SourceError(f"{self.path}: non-square pixels ({px} x {py} mm) are not supported", path=self.path)
         dist = self._field(f"{_DET}/detector_distance", units=_LENGTH_UNITS, default_unit="m")
         wl = self._field("/entry/instrument/beam/incident_wavelength", units=_WAVE_UNITS, default_unit="angstrom")
-        bx = float(self._field(f"{_DET}/beam_center_x"))
-        by = float(self._field(f"{_DET}/beam_center_y"))
+        bx = self._field(f"{_DET}/beam_center_x")
+        by = self._field(f"{_DET}/beam_center_y")
         ft = self._field(f"{_DET}/frame_time", required=False)
         ct = self._field(f"{_DET}/count_time", required=False)
+        for name, t in (("frame_time", ft), ("count_time", ct)):
+            if t is not None and not (math.isfinite(t) and 0 < t <= 3600):
+                raise SourceError(f"{self.path}: {_DET}/{name} must be in (0, 3600] s, got {t!r}", path=self.path)
         cutoff = self._field(f"{_SPEC}/countrate_correction_count_cutoff", required=False)
-        pm = self._field(f"{_SPEC}/pixel_mask", required=False)
-        first = self._first_dataset()
-        shape = tuple(first.shape[1:])
-        mask = None
-        if pm is not None:
-            pm = np.asarray(pm)
-            if pm.shape != shape:
-                raise SourceError(f"{self.path}: pixel_mask shape {pm.shape} differs from the frame shape {shape}",
-                                  path=self.path)
-            mask = pm == 0
+        shape = tuple(int(n) for n in self._datasets[0][1].shape[1:])
+        mask = self._pixel_mask(shape)
         try:
-            geom = Geometry(shape, px, dist, wl, (bx, by), mask=mask,
-                            saturation=None if cutoff is None else float(cutoff))
+            geom = Geometry(shape, px, dist, wl, (bx, by), mask=mask, saturation=cutoff)
         except ValueError as exc:
             raise SourceError(f"{self.path}: invalid geometry: {exc}", path=self.path) from exc
-        return geom, None if ft is None else float(ft), None if ct is None else float(ct)
+        return geom, ft, ct
+
+    def _pixel_mask(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """``detectorSpecific/pixel_mask`` as True = valid, shape checked before reading it."""
+        path = f"{_SPEC}/pixel_mask"
+        try:
+            if path not in self._file:
+                return None
+            ds = self._file[path]
+            if not hasattr(ds, "dtype") or ds.dtype.kind not in "iub" or tuple(ds.shape) != shape:
+                raise SourceError(f"{self.path}: {path} must be an integer array of the frame shape {shape}, got "
+                                  f"{getattr(ds, 'dtype', type(ds).__name__)} {getattr(ds, 'shape', '')}",
+                                  path=self.path)
+            return np.asarray(ds[()]) == 0
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"{self.path}: {path}: cannot read: {type(exc).__name__}: {exc}",
+                              path=self.path) from exc
 
     def _names(self) -> list[str]:
         if "/entry/data" not in self._file:
@@ -137,31 +175,48 @@ class EigerSource(FrameSource):
     def _link_target(self, name: str) -> str:
         link = self._file["/entry/data"].get(name, getlink=True)
         fn = getattr(link, "filename", None)
-        return os.path.join(os.path.dirname(self.path), fn) if fn else self.path
+        if not fn:
+            return self.path
+        return fn if os.path.isabs(fn) else os.path.join(os.path.dirname(self.path), fn)
 
     def _dataset(self, name: str, frame0: int):
-        target = self._link_target(name)
+        h5py = _import_h5()
+        try:
+            target = self._link_target(name)
+        except Exception as exc:
+            raise SourceError(f"{self.path}: /entry/data/{name}: cannot read the link: {type(exc).__name__}: {exc}",
+                              path=self.path, frame=frame0) from exc
+        try:
+            link = self._file["/entry/data"].get(name, getlink=True)
+        except Exception:
+            link = None
+        if isinstance(link, h5py.ExternalLink):
+            # HDF5 would open a FIFO or a device and wait forever: check the
+            # whole chain of external links before h5py follows it
+            _check_external(self.path, link, f"{self.path}: /entry/data/{name} (frames from {frame0})")
         try:
             ds = self._file["/entry/data"][name]
-        except (KeyError, OSError) as exc:
+        except Exception as exc:  # KeyError, OSError; RuntimeError on soft-link loops
             why = "missing" if not os.path.exists(target) else "unreadable (truncated or corrupt?)"
             raise SourceError(f"{self.path}: /entry/data/{name} (frames from {frame0}) -> data file {target} is "
                               f"{why}: {exc}", path=target, frame=frame0) from exc
-        if ds.ndim != 3:
-            raise SourceError(f"{target}: /entry/data/{name} must be 3-D (frames, rows, columns), got shape "
-                              f"{ds.shape}", path=target, frame=frame0)
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 3:
+            raise SourceError(f"{target}: /entry/data/{name} must be a 3-D dataset (frames, rows, columns), got "
+                              f"{getattr(ds, 'shape', type(ds).__name__)}", path=target, frame=frame0)
+        if np.dtype(ds.dtype).newbyteorder("=") not in _PIXEL_TYPES:
+            raise SourceError(f"{target}: /entry/data/{name} has pixel type {ds.dtype}; expected an integer or "
+                              f"float type (uint8/16/32, int8/16/32/64, float16/32/64)", path=target, frame=frame0)
+        check_frame_size(ds.shape[1:], ds.dtype.itemsize, self.max_frame_bytes,
+                         where=f"{target}: /entry/data/{name}", path=target, frame=frame0)
         return ds
-
-    def _first_dataset(self):
-        return self._dataset(self._names()[0], 0)
 
     def _open_datasets(self) -> list[tuple[str, Any]]:
         out, start = [], 0
         for name in self._names():
             ds = self._dataset(name, start)
-            if tuple(ds.shape[1:]) != self.geometry.shape:
+            if out and tuple(ds.shape[1:]) != tuple(out[0][1].shape[1:]):
                 raise SourceError(f"{self._link_target(name)}: frames of /entry/data/{name} are {ds.shape[1:]}, "
-                                  f"expected {self.geometry.shape}", path=self._link_target(name), frame=start)
+                                  f"expected {out[0][1].shape[1:]}", path=self._link_target(name), frame=start)
             out.append((name, ds))
             start += len(ds)
         return out
@@ -190,6 +245,38 @@ class EigerSource(FrameSource):
             self._file.close()
         except Exception:  # already closed
             pass
+
+
+def _check_external(parent: str, link, what: str, depth: int = 0) -> None:
+    """Every file an external link (and the links it leads to) may open is a regular file."""
+    h5py = _import_h5()
+    if depth > 8:
+        raise SourceError(f"{what}: more than 8 nested external links", path=parent)
+    fn = link.filename
+    candidates = [fn] if os.path.isabs(fn) else [os.path.join(os.path.dirname(parent), fn), fn]
+    for target in dict.fromkeys(candidates):
+        if os.path.lexists(target):
+            _check_regular(target, f"{what} -> data file {target}")
+            try:
+                with h5py.File(target, "r") as f:
+                    nxt = f.get(link.path, getlink=True)
+            except Exception:  # unreadable: reported when the dataset is opened
+                continue
+            if isinstance(nxt, h5py.ExternalLink):
+                _check_external(target, nxt, f"{what} -> {target}:{link.path}", depth + 1)
+
+
+def _check_regular(path: str, what: str) -> None:
+    """Refuse anything but a regular file (a FIFO or a device would block the open)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SourceError(f"{what}: cannot stat: {exc.strerror or exc}", path=path) from exc
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise SourceError(f"{what} is {kind}, not a regular file: refused", path=path)
 
 
 def write_eiger_master(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarray], geometry: Geometry, *,
