@@ -49,6 +49,8 @@ __all__ = [
     "Policy",
     "PolicyConfigError",
     "STATS",
+    "LEAVES_SAFE_STATE",
+    "leaves_safe_state",
 ]
 
 #: Peak statistics a ``stat`` rule can test (attributes of :class:`Observation`).
@@ -165,7 +167,16 @@ class Rule:
 
 
 _TOP_KEYS = {"version", "policy", "baseline", "rules"}
-_POLICY_KEYS = {"dry_run", "max_fires_per_minute", "um_per_px", "initial_attenuation"}
+_POLICY_KEYS = {"dry_run", "max_fires_per_minute", "um_per_px", "initial_attenuation", "allow_leave_safe_state"}
+#: Commands that take the instrument out of its safe state (shutter closed,
+#: attenuator in, after a watchdog timeout). Leaving the safe state is a human
+#: decision: a policy may send these only with ``allow_leave_safe_state = true``.
+LEAVES_SAFE_STATE = frozenset({"resume", "open_shutter"})
+
+
+def leaves_safe_state(command: str, args: Mapping[str, Any]) -> bool:
+    """True for ``resume``, ``open_shutter`` and ``shutter(open=true)``."""
+    return command in LEAVES_SAFE_STATE or (command == "shutter" and args.get("open") is not False)
 _BASELINE_KEYS = {"window", "min_frames"}
 _RULE_KEYS = {"enabled", "flag", "stat", "below_fraction", "at_least", "unless", "on_threshold",
               "off_threshold", "debounce", "rearm_frames", "cooldown_frames", "cooldown_s",
@@ -271,7 +282,11 @@ class Policy:
 
     def __init__(self, rules: tuple[Rule, ...], *, limits: Limits, dry_run: bool = False,
                  max_fires_per_minute: float = 30.0, um_per_px: float = 1.0, initial_attenuation: int | None = None,
-                 baseline_window: int = 50, baseline_min_frames: int = 10, source: str = "<dict>") -> None:
+                 baseline_window: int = 50, baseline_min_frames: int = 10, source: str = "<dict>",
+                 allow_leave_safe_state: bool = False) -> None:
+        if not (isinstance(um_per_px, (int, float)) and math.isfinite(um_per_px) and um_per_px > 0):
+            raise PolicyConfigError(f"um_per_px must be a positive finite number, got {um_per_px!r}")
+        self.allow_leave_safe_state = bool(allow_leave_safe_state)
         self.rules = rules
         self.limits = limits
         self.dry_run = dry_run
@@ -341,22 +356,24 @@ class Policy:
         base = _Cfg(data.get("baseline", {}), source, "baseline", _BASELINE_KEYS)
         window = base.number("window", 50, lo=1, hi=100000, integer=True)
         min_frames = base.number("min_frames", 10, lo=1, hi=window, integer=True)
-        um = pol.number("um_per_px", 1.0)
-        if um == 0:
-            raise pol.err("um_per_px", "must be nonzero")
+        # > 0: a negative value would move the beam away from the centre
+        um = pol.number("um_per_px", 1.0, lo=0, lo_open=True)
+        allow_leave = pol.boolean("allow_leave_safe_state", False)
         rules_tbl = data.get("rules", {})
         if not isinstance(rules_tbl, Mapping):
             raise top.err("rules", "must be a table of [rules.NAME] tables")
-        rules = tuple(cls._parse_rule(name, r, source, flags, lim) for name, r in rules_tbl.items())
+        rules = tuple(cls._parse_rule(name, r, source, flags, lim, allow_leave) for name, r in rules_tbl.items())
         return cls(rules, limits=lim,
                    dry_run=bool(dry_run) or pol.boolean("dry_run", False),
                    max_fires_per_minute=pol.number("max_fires_per_minute", 30.0, lo=0, lo_open=True),
                    um_per_px=um,
                    initial_attenuation=pol.number("initial_attenuation", None, lo=att_lo, hi=att_hi, integer=True),
-                   baseline_window=window, baseline_min_frames=min_frames, source=source)
+                   baseline_window=window, baseline_min_frames=min_frames, source=source,
+                   allow_leave_safe_state=allow_leave)
 
     @staticmethod
-    def _parse_rule(name: str, data: Any, where: str, flags: frozenset[str], lim: Limits) -> Rule:
+    def _parse_rule(name: str, data: Any, where: str, flags: frozenset[str], lim: Limits,
+                    allow_leave: bool = False) -> Rule:
         c = _Cfg(data, where, f"rules.{name}", _RULE_KEYS)
         flag = c.string("flag", None)
         stat = c.string("stat", None, choices=STATS)
@@ -397,7 +414,7 @@ class Policy:
         acts = data.get("actions")
         if not isinstance(acts, list) or not acts:
             raise c.err("actions", "must be a non-empty list of action tables")
-        actions = tuple(Policy._parse_action(a, where, f"rules.{name}.actions[{k}]", lim)
+        actions = tuple(Policy._parse_action(a, where, f"rules.{name}.actions[{k}]", lim, allow_leave)
                         for k, a in enumerate(acts))
         return Rule(
             name=name, enabled=c.boolean("enabled", True), flag=flag, stat=stat, below_fraction=below,
@@ -410,7 +427,7 @@ class Policy:
             actions=actions)
 
     @staticmethod
-    def _parse_action(data: Any, where: str, path: str, lim: Limits) -> _ActionSpec:
+    def _parse_action(data: Any, where: str, path: str, lim: Limits, allow_leave: bool = False) -> _ActionSpec:
         if not isinstance(data, Mapping) or "action" not in data:
             raise PolicyConfigError(f"{where}: {path} must be a table with an 'action' key "
                                     f"(one of {sorted(_ACTION_KEYS)})")
@@ -423,7 +440,7 @@ class Policy:
         def check(command: str, key: str, **args) -> None:
             try:
                 firmware_bridge.validate(command, limits=lim, **args)
-            except (firmware_bridge.UnknownCommand, firmware_bridge.ValidationError) as exc:
+            except (firmware_bridge.BridgeError, TypeError, ValueError, OverflowError) as exc:
                 raise c.err(key, f"is refused by the bridge limits ({lim.source}): {exc}") from exc
 
         if kind == "attenuation":
@@ -457,6 +474,15 @@ class Policy:
         args = data.get("args", {})
         if not isinstance(args, Mapping):
             raise c.err("args", "must be a table of command arguments")
+        if command not in VOCABULARY:
+            raise c.err("command", f"is not a bridge command: {command!r}; known: {sorted(VOCABULARY)}")
+        known = {a.name for a in VOCABULARY[command].args}
+        unknown = sorted(set(args) - known)
+        if unknown:  # checked here: names like 'limits' or 'command' must not reach validate()
+            raise c.err("args", f"has unknown argument(s) {unknown} for {command!r}; known: {sorted(known) or 'none'}")
+        if leaves_safe_state(command, args) and not allow_leave:
+            raise c.err("command", f"{command!r} takes the instrument out of its safe state: that is a human "
+                                   f"decision; set [policy] allow_leave_safe_state = true to let a rule do it")
         check(command, "command", **args)
         return _ActionSpec("command", command=command, args=dict(args))
 
@@ -636,10 +662,13 @@ class Policy:
         return out
 
     def _command(self, name: str, args: dict, rule: Rule, obs: Observation, reason: str) -> Command | None:
-        # the last check before anything leaves the policy: allowlist and ranges
+        # the last check before anything leaves the policy: safe state, allowlist and ranges
+        if leaves_safe_state(name, args) and not self.allow_leave_safe_state:
+            self.events.append((obs.index, rule.name, f"skipped: {name} leaves the safe state (not allowed)"))
+            return None
         try:
             vc = firmware_bridge.validate(name, limits=self.limits, **args)
-        except (firmware_bridge.UnknownCommand, firmware_bridge.ValidationError) as exc:
+        except (firmware_bridge.BridgeError, TypeError, ValueError, OverflowError) as exc:
             self.events.append((obs.index, rule.name, f"skipped: {exc}"))
             return None
         return Command(name, dict(vc.args), rule.name, reason, self.dry_run, obs.index)

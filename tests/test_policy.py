@@ -341,6 +341,25 @@ def _mutate(path, value):
     (("rules", "weak_diffraction", "unless"), ["bogus"], ["rules.weak_diffraction.unless", "bogus"]),
     (("policy", "initial_attenuation"), 99, ["policy.initial_attenuation"]),
     (("policy", "um_per_px"), 0, ["policy.um_per_px"]),
+    (("policy", "um_per_px"), -1.0, ["policy.um_per_px"]),  # would push the beam further off centre
+    (("policy", "um_per_px"), float("nan"), ["policy.um_per_px"]),
+    (("policy", "allow_leave_safe_state"), "yes", ["policy.allow_leave_safe_state"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "set_attenuation",
+                                          "args": {"level": 3, "limits": "x"}}],
+     ["rules.ice_rings.actions[0].args", "'limits'", "set_attenuation"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "raise_alarm",
+                                          "args": {"code": 3, "command": "resume"}}],
+     ["rules.ice_rings.actions[0].args", "'command'"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "set_attenuation",
+                                          "args": {"level": [1, 2]}}], ["rules.ice_rings.actions[0].command"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "set_exposure",
+                                          "args": {"time_s": float("inf")}}], ["rules.ice_rings.actions[0].command"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "resume"}],
+     ["rules.ice_rings.actions[0].command", "safe state", "allow_leave_safe_state"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "open_shutter"}],
+     ["rules.ice_rings.actions[0].command", "safe state"]),
+    (("rules", "ice_rings", "actions"), [{"action": "command", "command": "shutter", "args": {"open": True}}],
+     ["rules.ice_rings.actions[0].command", "safe state"]),
     (("version",), 2, ["version"]),
 ])
 def test_config_errors_name_the_key_and_file(path, value, words):
@@ -416,3 +435,45 @@ def test_default_scenario_truth_drives_default_policy():
             continue
         assert inside and inside[0][0] - ph.start < 3, ph.name
         assert all(a.dry_run for _, a in inside if isinstance(a, Command))
+
+
+# -- leaving the safe state is a human decision ------------------------------------------------
+def _resume_on_ice(allow):
+    data = _mutate(("rules", "ice_rings", "actions"), [{"action": "command", "command": "resume"},
+                                                       {"action": "command", "command": "close_shutter"}])
+    data["policy"]["allow_leave_safe_state"] = allow
+    return data
+
+
+def test_policy_may_leave_the_safe_state_only_when_configured():
+    with pytest.raises(PolicyConfigError, match="safe state"):
+        Policy.from_dict(_resume_on_ice(False))
+    p = Policy.from_dict(_resume_on_ice(True))
+    assert p.allow_leave_safe_state
+    acts = run(p, [obs(i, ["ice_rings"]) for i in range(3)])
+    assert [a.name for _, a in acts] == ["resume", "close_shutter"]
+    # closing the shutter (towards the safe state) needs no permission
+    data = _mutate(("rules", "ice_rings", "actions"), [{"action": "command", "command": "close_shutter"}])
+    assert Policy.from_dict(data).allow_leave_safe_state is False
+    # the last check in _command holds even if rules were built by hand
+    p.allow_leave_safe_state = False
+    p.reset()
+    acts = run(p, [obs(i, ["ice_rings"]) for i in range(3)])
+    assert [a.name for _, a in acts] == ["close_shutter"]
+    assert any("leaves the safe state" in e for _, _, e in p.events)
+
+
+def test_default_policy_never_leaves_the_safe_state():
+    from edge.policy import leaves_safe_state
+
+    p = Policy.from_toml()
+    assert p.allow_leave_safe_state is False
+    for rule in p.rules:
+        for a in rule.actions:
+            assert not leaves_safe_state(a.command, a.args) if a.kind == "command" else True
+
+
+def test_negative_um_per_px_refused_programmatically():
+    p = Policy.from_toml()
+    with pytest.raises(PolicyConfigError, match="um_per_px"):
+        Policy(p.rules, limits=p.limits, um_per_px=-1.0)
