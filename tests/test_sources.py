@@ -769,3 +769,19 @@ def test_eiger_unusable_pixel_types_refused_at_open(tmp_path, dtype):
                          dtype=h5py.string_dtype() if dtype == "str" else dtype)
     with pytest.raises(SourceError, match="pixel type"):
         _open_bounded(master)
+
+
+def test_damaged_first_file_of_a_directory_is_an_error_record_too(tmp_path):
+    data = np.arange(30 * 41, dtype=np.int32).reshape(30, 41)
+    good = _write_cbf(tmp_path / "a_2.cbf", data).read_bytes()
+    (tmp_path / "a_1.cbf").write_bytes(good[: good.index(b"X-Binary-Size:")])  # still being written
+    (tmp_path / "a_3.cbf").write_bytes(good)
+    src = open_source(str(tmp_path))
+    assert src.geometry.shape == (30, 41)
+    seen = []
+    assert [m.index for _, m in src.frames(on_error=seen.append)] == [1, 2]
+    assert [(e.frame, Path(e.path).name) for e in seen] == [(0, "a_1.cbf")]
+    (tmp_path / "a_2.cbf").write_bytes(b"junk")
+    (tmp_path / "a_3.cbf").write_bytes(b"junk")
+    with pytest.raises(SourceError, match=r"a_1\.cbf \(frame 0\)"):  # nothing readable: the first error
+        open_source(str(tmp_path))

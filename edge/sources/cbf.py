@@ -86,13 +86,23 @@ class CbfSource(FrameSource):
         super().__init__(**kw)
         self.paths = _expand_cbf(paths)
         self.verify_checksum = verify_checksum
-        first, header = self._decode(0)
+        # geometry from the first readable file; unreadable ones before it
+        # fail again when their turn comes (one error record each in a run)
+        first_error: FrameError | None = None
+        for k in range(len(self.paths)):
+            try:
+                first, header = self._decode(k)
+                break
+            except FrameError as exc:
+                first_error = first_error or exc
+        else:
+            raise first_error
         text = _header_text(header)
         try:
             self.geometry = Geometry.from_cbf_header(text, first.shape, mask=first >= 0)
         except ValueError as exc:
-            raise SourceError(f"{self.paths[0]}: cannot get the geometry from the CBF header: {exc}",
-                              path=self.paths[0], frame=0) from exc
+            raise SourceError(f"{self.paths[k]}: cannot get the geometry from the CBF header: {exc}",
+                              path=self.paths[k], frame=k) from exc
         self.frame_time = _header_number(text, "Exposure_period")
         self.name = self.paths[0] if len(self.paths) == 1 else f"{os.path.dirname(self.paths[0]) or '.'} " \
                                                                f"({len(self.paths)} CBF files)"
