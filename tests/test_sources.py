@@ -785,3 +785,38 @@ def test_damaged_first_file_of_a_directory_is_an_error_record_too(tmp_path):
     (tmp_path / "a_3.cbf").write_bytes(b"junk")
     with pytest.raises(SourceError, match=r"a_1\.cbf \(frame 0\)"):  # nothing readable: the first error
         open_source(str(tmp_path))
+
+
+def test_cbf_fifo_or_device_never_blocks(tmp_path):
+    """A FIFO named like a CBF (or one appearing in a live directory) is refused
+    without blocking; in a directory it is one bad frame."""
+    import os
+    import threading
+
+    data = np.arange(30 * 41, dtype=np.int32).reshape(30, 41)
+    _write_cbf(tmp_path / "a_1.cbf", data)
+    os.mkfifo(tmp_path / "a_2.cbf")
+    with pytest.raises(SourceError, match="not a regular file"):
+        CbfSource(tmp_path / "a_2.cbf")
+    with pytest.raises(SourceError, match="not a regular file"):
+        CbfSource(["/dev/zero"])
+    seen, got = [], []
+    t = threading.Thread(target=lambda: got.extend(m.index for _, m in open_source(str(tmp_path)).frames(
+        on_error=seen.append)), daemon=True)
+    t.start()
+    t.join(30)
+    try:
+        assert not t.is_alive(), "reading a FIFO in a directory replay blocks"
+    finally:
+        try:  # release a reader a regression left blocked
+            os.close(os.open(tmp_path / "a_2.cbf", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    assert got == [0] and [e.frame for e in seen] == [1] and "not a regular file" in str(seen[0])
+
+
+def test_cbf_huge_declared_binary_size_refused_before_reading(tmp_path):
+    path = _write_cbf(tmp_path / "h.cbf", np.arange(30 * 41, dtype=np.int32).reshape(30, 41))
+    _edit_mime(path, X_Binary_Size=10**12)
+    with pytest.raises(FrameError, match="X-Binary-Size 1000000000000 bytes exceeds"):
+        CbfSource(path)

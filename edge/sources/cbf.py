@@ -12,6 +12,7 @@ import lzma
 import math
 import os
 import re
+import stat
 import zlib
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ _SECTION = b"--CIF-BINARY-FORMAT-SECTION--"
 _STARTER = b"\x0c\x1a\x04\xd5"  # start of the binary data (CBF spec)
 # fabio looks for the binary section in the first 16 blocks of 512 bytes only
 _HEADER_WINDOW = 16 * 512
+_HEAD_BYTES = 1 << 16  # read first: CIF header, binary section header, start of the data
 # element types fabio reads (fabio.cbfimage.DATA_TYPES): name -> numpy dtype
 _ELEMENT_TYPES = {
     "signed 8-bit integer": np.int8, "signed 16-bit integer": np.int16, "signed 32-bit integer": np.int32,
@@ -118,7 +120,7 @@ class CbfSource(FrameSource):
         # Read the file once and check the whole layout on these bytes before
         # fabio sees them: fabio loops forever on a file cut inside its binary
         # section header (a file still being written looks like that).
-        blob = _read_limited(path, 4 * self.max_frame_bytes + (1 << 20), where=where, frame=k)
+        blob = _read_limited(path, 2 * self.max_frame_bytes, where=where, frame=k)
         mime = _check_layout(blob, where=where, path=path, frame=k)
         nx, ny, n, size, dtype = _binary_format(mime, self.max_frame_bytes, where=where, path=path, frame=k)
         try:
@@ -152,16 +154,22 @@ class CbfSource(FrameSource):
 
 
 def _expand_cbf(paths) -> list[str]:
+    """Files to replay. Named files must exist now; what a directory or glob
+    lists is read when its turn comes (a file that vanished or is not a
+    regular file is then one bad frame, not the end of the replay)."""
+    named = True
     if isinstance(paths, (str, os.PathLike)):
         p = os.fspath(paths)
         if os.path.isdir(p):
             found = [os.path.join(p, n) for n in os.listdir(p) if is_cbf(n)]
             if not found:
                 raise SourceError(f"no CBF files (*.cbf, *.cbf.bz2, *.cbf.gz) in directory {p!r}", path=p)
+            named = False
         elif _glob.has_magic(p):
             found = [f for f in _glob.glob(p) if is_cbf(f)]
             if not found:
                 raise SourceError(f"no CBF files match {p!r}", path=p)
+            named = False
         else:
             found = [p]
         found.sort(key=_natural_key)
@@ -169,19 +177,32 @@ def _expand_cbf(paths) -> list[str]:
         found = [os.fspath(x) for x in paths]
         if not found:
             raise SourceError("empty list of CBF files")
-    for f in found:
-        if not os.path.isfile(f):
+    for f in found if named else ():
+        if not os.path.exists(f):
             raise SourceError(f"CBF file not found: {f!r}", path=f)
+        if not os.path.isfile(f):
+            raise SourceError(f"{f!r} is not a regular file (a directory, FIFO or device?)", path=f)
     return found
 
 
-def _read_limited(path: str, limit: int, *, where: str, frame: int) -> bytes:
-    """The whole (decompressed) file, refusing more than ``limit`` bytes.
+def _read_limited(path: str, max_binary: int, *, where: str, frame: int) -> bytes:
+    """The file's (decompressed) bytes up to the end of its binary data.
 
-    Compression is recognised by its magic bytes (bzip2, gzip, xz), not the name.
+    Reads the header first and then only the declared ``X-Binary-Size``
+    (refused above ``max_binary`` before reading it). Compression is
+    recognised by its magic bytes (bzip2, gzip, xz), not the name. Only a
+    regular file is read (a FIFO or a device would block or never end).
     """
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not block the open
+    except FileNotFoundError as exc:
+        raise FrameError(f"{where}: file not found (removed during the replay?)", path=path, frame=frame) from exc
+    except OSError as exc:
+        raise FrameError(f"{where}: cannot open: {exc.strerror or exc}", path=path, frame=frame) from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise FrameError(f"{where}: not a regular file (a FIFO or a device?): refused", path=path, frame=frame)
+        try:
             magic = fh.read(6)
             fh.seek(0)
             if magic.startswith(b"BZh"):
@@ -192,17 +213,23 @@ def _read_limited(path: str, limit: int, *, where: str, frame: int) -> bytes:
                 stream = lzma.LZMAFile(fh)
             else:
                 stream = fh
-            with stream:
-                blob = stream.read(limit + 1)
-    except FileNotFoundError as exc:
-        raise FrameError(f"{where}: file not found (removed during the replay?)", path=path, frame=frame) from exc
-    except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # truncated or corrupt compressed stream
-        raise FrameError(f"{where}: cannot read CBF (truncated or corrupt compressed file): "
-                         f"{type(exc).__name__}: {exc}", path=path, frame=frame) from exc
-    if len(blob) > limit:
-        raise FrameError(f"{where}: file larger than {limit} bytes (decompressed): not a one-frame CBF within "
-                         f"max_frame_bytes", path=path, frame=frame)
-    return blob
+            blob = stream.read(_HEAD_BYTES)
+            sec = blob.find(_SECTION, 0, _HEADER_WINDOW + len(_SECTION))
+            start = blob.find(_STARTER, sec) if sec >= 0 else -1
+            m = re.search(rb"X-Binary-Size:[ \t]*(\d+)", blob[sec:start]) if start >= 0 else None
+            if m is None:
+                return blob  # _check_layout says what is wrong
+            size = int(m.group(1))
+            if size > max_binary:
+                raise FrameError(f"{where}: X-Binary-Size {size} bytes exceeds what a frame within max_frame_bytes "
+                                 f"can take ({max_binary}): refused before reading", path=path, frame=frame)
+            need = start + len(_STARTER) + size - len(blob)
+            if need > 0:
+                blob += stream.read(need)
+            return blob
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # truncated or corrupt compressed stream
+            raise FrameError(f"{where}: cannot read CBF (truncated or corrupt compressed file): "
+                             f"{type(exc).__name__}: {exc}", path=path, frame=frame) from exc
 
 
 def _check_layout(blob: bytes, *, where: str, path: str, frame: int) -> dict[str, str]:
