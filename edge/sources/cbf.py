@@ -63,13 +63,22 @@ def _header_text(header: dict) -> str:
 class CbfSource(FrameSource):
     """Replay PILATUS-style mini-CBF files (one frame per file), via fabio.
 
-    Geometry comes from the first file's header
+    Geometry comes from the first readable file's header
     (:meth:`Geometry.from_cbf_header`); its static mask is the set of pixels
-    that are negative in the first frame (-1 gaps, -2 bad pixels).
-    ``frame_time`` is the header's ``Exposure_period`` (s). Every frame is
-    checked against its header: binary size, element count, dimensions and
-    ``Content-MD5``; a truncated or corrupt file raises :class:`SourceError`
-    naming the file and the frame, never a silently short or zero-filled frame.
+    that are negative in that frame (-1 gaps, -2 bad pixels).
+    ``frame_time`` is the header's ``Exposure_period`` (s).
+
+    Every file is read once and checked before fabio parses it: a regular
+    file; the binary section marker, its MIME header up to the blank line,
+    the binary start marker and all ``X-Binary-Size`` bytes present (fabio
+    alone loops forever on a file cut inside that header, which is what a
+    file still being written looks like); ``x-CBF_BYTE_OFFSET`` (the only
+    compression fabio decodes); an element type fabio reads (int8/16/32/64,
+    uint8/16/32/64, returned as that dtype); dimensions >= 1 within
+    ``max_frame_bytes``, element count and ``Content-MD5``. A file that fails
+    raises :class:`FrameError` (a :class:`SourceError`) naming the file, the
+    frame and the reason, never a silently short or zero-filled frame;
+    :meth:`frames` with ``on_error`` goes on with the next file instead.
 
     Parameters
     ----------
@@ -80,7 +89,8 @@ class CbfSource(FrameSource):
     verify_checksum : bool
         Check ``Content-MD5`` when the header has one (~10 ms per 6M frame).
     **kw
-        :class:`FrameSource` options (``rate_hz``, ``n_frames``, ``loop``, ``preload``, ``copy``).
+        :class:`FrameSource` options (``rate_hz``, ``n_frames``, ``loop``, ``preload``, ``copy``,
+        ``max_frame_bytes``).
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, verify_checksum: bool = True,

@@ -47,16 +47,25 @@ class EigerSource(FrameSource):
     ``units``). Optional: ``detectorSpecific/pixel_mask`` (nonzero = bad; the
     mask is all-valid when absent), ``detectorSpecific/countrate_correction_
     count_cutoff`` (saturation; None when absent), ``frame_time`` and
-    ``count_time`` (s; None when absent). A missing required field, a missing
-    data file, or a frame that fails to read or decompress raises
-    :class:`SourceError` naming the file, the dataset and the frame.
+    ``count_time`` (s; None when absent). Each header value must be one real
+    number, and the geometry must be plausible (:class:`Geometry`).
+
+    Refused at open with :class:`SourceError` naming the file and the dataset,
+    before anything is allocated or a data file is opened: a missing or
+    malformed field (a string, an array, a soft-link loop), a missing data
+    file, an external link (or a chain of them) to anything but a regular
+    file (a FIFO or a device would block HDF5 for ever), frames larger than
+    ``max_frame_bytes``, and pixel types the kernels do not take (complex,
+    bool, strings). A frame that fails to read or decompress raises
+    :class:`FrameError` naming the file, the dataset and the frame.
 
     Parameters
     ----------
     master : path
         The master file.
     **kw
-        :class:`FrameSource` options (``rate_hz``, ``n_frames``, ``loop``, ``preload``, ``copy``).
+        :class:`FrameSource` options (``rate_hz``, ``n_frames``, ``loop``, ``preload``, ``copy``,
+        ``max_frame_bytes``).
     """
 
     def __init__(self, master: str | os.PathLike, **kw: Any) -> None:
