@@ -45,22 +45,48 @@ def positive_float(text: str) -> float:
     return v
 
 
+def hz(text: str) -> float:
+    """A frame rate (Hz) within the sources' pacing range."""
+    from .sources.base import MAX_RATE_HZ, MIN_RATE_HZ
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not MIN_RATE_HZ <= v <= MAX_RATE_HZ:
+        raise argparse.ArgumentTypeError(f"must be a frame rate in [{MIN_RATE_HZ:g}, {MAX_RATE_HZ:g}] Hz, "
+                                         f"got {text!r}")
+    return v
+
+
 def rate(text: str):
-    """Frames per second > 0, ``file`` or ``max``."""
+    """A frame rate (Hz), ``file`` or ``max``."""
     if text in ("file", "max"):
         return text
     try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be a frame rate > 0 Hz, 'file' or 'max', got {text!r}") from None
+        return hz(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, 'file' or 'max'") from None
+
+
+def bounded_int(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        v = positive_int(text) if lo >= 1 else int(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
+        return v
+
+    parse.__name__ = f"integer in [{lo}, {hi}]"
+    return parse
 
 
 def rate_list(text: str) -> list[float]:
-    """Comma-separated ascending rates > 0 (Hz)."""
+    """Comma-separated frame rates (Hz), sorted."""
     try:
-        rates = [positive_float(r.strip()) for r in text.split(",") if r.strip()]
+        rates = [hz(r.strip()) for r in text.split(",") if r.strip()]
     except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated rates > 0 Hz expected: {exc}") from None
+        raise argparse.ArgumentTypeError(f"comma-separated rates expected: {exc}") from None
     if not rates:
         raise argparse.ArgumentTypeError("needs at least one rate (Hz), e.g. 25,50,100")
     return sorted(rates)
@@ -197,8 +223,8 @@ def cmd_run(args) -> int:
         _check_run_args(args, source_kind)
         try:
             limits = fb.Limits.load(args.limits)
-        except fb.ConfigError as exc:
-            raise UsageError(f"--limits: {exc}") from None
+        except (fb.ConfigError, ValueError) as exc:  # ValueError: e.g. a binary file (UnicodeDecodeError)
+            raise UsageError(f"--limits {args.limits}: {exc}") from None
         try:
             policy = Policy.from_toml(args.config, dry_run=args.dry_run, limits=limits)
         except PolicyConfigError as exc:
@@ -565,9 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limits", default=None, help="bridge limits TOML (default: the shipped limits.toml)")
     r.add_argument("--model", default=None, help="anomaly model .tflite (default: the shipped model)")
     r.add_argument("--no-model", action="store_true", help="run without the anomaly model")
-    r.add_argument("--model-threads", type=positive_int, default=1, help="TFLite threads (default 1)")
+    r.add_argument("--model-threads", type=bounded_int(1, 256), default=1, help="TFLite threads (default 1)")
     r.add_argument("--threads", type=positive_int, default=None, help="Numba threads (default: all cores)")
-    r.add_argument("--queue-size", type=positive_int, default=4, help="frames buffered before dropping the oldest")
+    r.add_argument("--queue-size", type=bounded_int(1, 1000), default=4,
+                   help="frames buffered before dropping the oldest (default 4)")
     r.add_argument("--results", default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
     r.add_argument("--applied-log", default=None, help="built-in emulator: JSON Lines log of applied commands")
     r.add_argument("--emulator-attenuation", type=int, default=None,
@@ -605,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
     b.add_argument("--layouts", type=layout_list, default="1m,4m", help="simulated layouts, e.g. 1m,4m")
-    b.add_argument("--rate", type=positive_float, default=50.0, help="frame rate for the latency runs (Hz)")
+    b.add_argument("--rate", type=hz, default=50.0, help="frame rate for the latency runs (Hz)")
     b.add_argument("--rates", type=rate_list, default="25,50,75,100,125,150,200,250,300",
                    help="rates tried for the highest sustained rate (Hz)")
     b.add_argument("--frames", type=positive_int, default=300, help="frames per run")

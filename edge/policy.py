@@ -325,7 +325,7 @@ class Policy:
             try:
                 with open(where, encoding="utf-8") as fh:
                     text = fh.read()
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
                 raise PolicyConfigError(f"cannot read policy file {where!r}: {exc}") from exc
         try:
             data = tomllib.loads(text)

@@ -59,6 +59,9 @@ ANOMALY_CLASSES: tuple[str, ...] = CLASSES  # one list, owned by the model's dat
 LABELS: frozenset[str] = frozenset(ANOMALY_CLASSES) | {"weak_diffraction"}
 
 _SIM_FIELDS = {f.name: f for f in fields(SimConfig)}
+#: Bounds that keep a scenario file from exhausting memory or time.
+MAX_FRAMES = 10_000_000
+MAX_COUNT = 100_000
 # The geometry must stay fixed for a whole run (the pipeline builds it once),
 # and the layout comes from the source, so these cannot vary per phase.
 _FIXED_KEYS = frozenset({"layout", "beam_center", "distance_mm", "wavelength_A", "saturation", "dtype"})
@@ -132,8 +135,8 @@ class Scenario:
 
     def __post_init__(self) -> None:
         where = self.source
-        if isinstance(self.n_frames, bool) or not isinstance(self.n_frames, int) or self.n_frames < 1:
-            raise ScenarioError(f"{where}: n_frames must be a positive integer, got {self.n_frames!r}")
+        if isinstance(self.n_frames, bool) or not isinstance(self.n_frames, int) or not 1 <= self.n_frames <= MAX_FRAMES:
+            raise ScenarioError(f"{where}: n_frames must be an integer in [1, {MAX_FRAMES}], got {self.n_frames!r}")
         object.__setattr__(self, "base", MappingProxyType(_check_sim(self.base, f"{where}: base")))
         phases = tuple(sorted(self.phases, key=lambda p: p.start))
         for k, p in enumerate(phases):
@@ -309,6 +312,8 @@ def _check_sim(sim: Mapping[str, Any], where: str) -> dict[str, Any]:
                 raise ScenarioError(f"{w} must be an integer, got {value!r}")
             if value < 0 and key != "beamstop_arm_angle":
                 raise ScenarioError(f"{w} must be >= 0, got {value!r}")
+            if isinstance(default, int) and value > MAX_COUNT:  # counts of spots, pixels, modules...
+                raise ScenarioError(f"{w} must be <= {MAX_COUNT}, got {value!r}")
             value = type(default)(value)
         elif isinstance(default, tuple):
             if (not isinstance(value, (list, tuple)) or len(value) != len(default)

@@ -37,6 +37,10 @@ def files(tmp_path_factory):
     (d / "bad_policy.toml").write_text('version = 1\n[rules.saturation]\nflag = "saturation"\ndebounse = [2, 3]\n'
                                        'actions = [{ action = "attenuation", step = 1 }]\n')
     (d / "model.tflite").write_bytes(b"not a model")
+    (d / "binary.toml").write_bytes(bytes(range(256)) * 4)
+    (d / "huge_scenario.toml").write_text("n_frames = 99999999999999\n")
+    (d / "many_spots.toml").write_text("n_frames = 5\n[base]\nn_spots = 1000000000\n")
+    os.mkfifo(d / "fifo")
     return d
 
 
@@ -51,7 +55,16 @@ CASES = [
     (["run", "--source", "sim:7m"], ["--source", "unknown layout '7m'"]),
     (["run", "--source", "/no/such/file.cbf"], ["--source", "/no/such/file.cbf", "not found"]),
     (["run", "--source", "{d}/notes.cbf"], ["--source", "notes.cbf", "not a CBF"]),
-    (["run", "--rate", "0"], ["argument --rate", "> 0 Hz"]),
+    (["run", "--rate", "0"], ["argument --rate", "frame rate in"]),
+    (["run", "--rate", "1e-300"], ["argument --rate", "frame rate in"]),
+    (["run", "--source", "scenario:{d}/binary.toml"], ["--source", "binary.toml"]),
+    (["run", "--source", "scenario:{d}/huge_scenario.toml"], ["--source", "n_frames"]),
+    (["run", "--source", "scenario:{d}/many_spots.toml"], ["--source", "n_spots"]),
+    (["run", "--config", "{d}/binary.toml"], ["--config", "binary.toml"]),
+    (["run", "--limits", "{d}/binary.toml"], ["--limits", "binary.toml"]),
+    (["run", "--queue-size", "100000"], ["argument --queue-size", "[1, 1000]"]),
+    (["run", "--model-threads", "100000"], ["argument --model-threads", "[1, 256]"]),
+    (["run", "--results", "{d}/fifo"], ["--results", "cannot write"]),
     (["run", "--rate", "nan"], ["argument --rate"]),
     (["run", "--rate", "fast"], ["argument --rate", "'fast'"]),
     (["run", "--rate", "file"], ["--rate file", "file source"]),
@@ -77,9 +90,10 @@ CASES = [
     (["run", "--port", "/dev/null", "--applied-log", "{d}/a.jsonl"], ["--applied-log", "--port"]),
     (["run", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["bench", "--layouts", "7m"], ["argument --layouts", "7m"]),
-    (["bench", "--rates", "abc"], ["argument --rates", "'abc' is not a number"]),
-    (["bench", "--rates", "50,-1"], ["argument --rates", "> 0"]),
-    (["bench", "--rate", "0"], ["argument --rate", "> 0"]),
+    (["bench", "--rates", "abc"], ["argument --rates", "'abc'"]),
+    (["bench", "--rates", "50,-1"], ["argument --rates", "frame rate in"]),
+    (["bench", "--rate", "0"], ["argument --rate", "frame rate in"]),
+    (["bench", "--rate", "max"], ["argument --rate", "'max'"]),
     (["bench", "--frames", "abc"], ["argument --frames", "not an integer"]),
     (["bench", "--out", "/proc/x/latency"], ["--out", "cannot write"]),
     ([], ["required"]),

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..geometry import LAYOUTS
 from ..scenario import ScenarioError
-from .base import MAX_FRAME_BYTES, FrameError, FrameMeta, FrameSource, SourceError
+from .base import MAX_FRAME_BYTES, MAX_RATE_HZ, MIN_RATE_HZ, FrameError, FrameMeta, FrameSource, SourceError
 from .cbf import CbfSource, is_cbf
 from .eiger import EigerSource, write_eiger_master
 from .simulator import SimulatorSource
@@ -101,7 +101,7 @@ def open_source(spec: str | os.PathLike, *, rate_hz: float | str | None = None, 
                                   f"(or a scenario .toml file)")
         try:
             src: FrameSource = SimulatorSource(layout, scenario=scenario, **common, **kw)
-        except ScenarioError as exc:  # a missing or invalid scenario file: one error type for callers
+        except (ScenarioError, UnicodeDecodeError) as exc:  # a missing or invalid scenario file
             raise SourceError(f"source spec {s!r}: {exc}", path=arg or None) from exc
     elif s.endswith(("_master.h5", ".nxs")) or (s.endswith((".h5", ".hdf5")) and os.path.isfile(s)):
         src = EigerSource(s, **common, **kw)
@@ -118,5 +118,9 @@ def open_source(spec: str | os.PathLike, *, rate_hz: float | str | None = None, 
             src.close()
             raise SourceError(f"rate_hz='file' but {src.name} has no frame time "
                               f"(CBF Exposure_period / Eiger frame_time)", path=s)
+        if not MIN_RATE_HZ <= 1.0 / src.frame_time <= MAX_RATE_HZ:
+            src.close()
+            raise SourceError(f"rate_hz='file': {src.name} has frame time {src.frame_time} s, outside "
+                              f"[{1 / MAX_RATE_HZ:g}, {1 / MIN_RATE_HZ:g}] s", path=s)
         src.rate_hz = 1.0 / src.frame_time
     return src

@@ -26,12 +26,15 @@ import numpy as np
 
 from ..geometry import Geometry
 
-__all__ = ["FrameMeta", "FrameSource", "SourceError", "FrameError", "MAX_FRAME_BYTES", "check_frame_size"]
+__all__ = ["FrameMeta", "FrameSource", "SourceError", "FrameError", "MAX_FRAME_BYTES", "MIN_RATE_HZ", "MAX_RATE_HZ",
+           "check_frame_size"]
 
 #: Default bound on one decoded frame (bytes): sizes declared in file headers
 #: are checked against it before anything is allocated. A 16M EIGER frame of
 #: uint32 is 73 MB; a damaged or hostile header can declare terabytes.
 MAX_FRAME_BYTES = 1 << 28  # 256 MiB
+#: Paced sources emit between one frame in 1000 s and a million frames per second.
+MIN_RATE_HZ, MAX_RATE_HZ = 1e-3, 1e6
 
 
 class SourceError(ValueError):
@@ -146,9 +149,9 @@ class FrameSource:
                  preload: bool = False, copy: bool = False, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if rate_hz is not None:
             if isinstance(rate_hz, bool) or not isinstance(rate_hz, (int, float)) \
-                    or not math.isfinite(rate_hz) or rate_hz <= 0:
-                raise SourceError(f"rate_hz must be a positive number of frames per second, None or 'file', "
-                                  f"got {rate_hz!r}")
+                    or not MIN_RATE_HZ <= rate_hz <= MAX_RATE_HZ:
+                raise SourceError(f"rate_hz must be a number of frames per second in [{MIN_RATE_HZ:g}, "
+                                  f"{MAX_RATE_HZ:g}], None or 'file', got {rate_hz!r}")
             rate_hz = float(rate_hz)
         if n_frames is not None and (isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 0):
             raise SourceError(f"n_frames must be a non-negative integer or None, got {n_frames!r}")
