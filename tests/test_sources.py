@@ -6,9 +6,11 @@ import bz2
 from pathlib import Path
 
 import numpy as np
-import edge
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import edge
 from edge import Geometry
 from edge.scenario import LABELS, Scenario, ScenarioError, default_scenario
 from edge.sources import (CbfSource, EigerSource, FrameError, FrameMeta, SimulatorSource, SourceError,
@@ -78,6 +80,8 @@ def test_scenario_roundtrip_and_toml(tmp_path):
 
 @pytest.mark.parametrize("change, words", [
     ({"n_frames": 0}, ["n_frames"]),
+    ({"n_frames": 10**14}, ["n_frames"]),  # a frame table that large exhausts memory
+    ({"base": {"n_spots": 10**9}}, ["n_spots"]),  # a simulation that never ends
     ({"bogus": 1}, ["bogus"]),
     ({"phases": [{"name": "a", "start": 5, "end": 2, "labels": []}]}, ["'a'", "start"]),
     ({"phases": [{"name": "a", "start": 0, "end": 50, "labels": []},
@@ -820,3 +824,69 @@ def test_cbf_huge_declared_binary_size_refused_before_reading(tmp_path):
     _edit_mime(path, X_Binary_Size=10**12)
     with pytest.raises(FrameError, match="X-Binary-Size 1000000000000 bytes exceeds"):
         CbfSource(path)
+
+
+# -- properties: damaged headers and absurd geometry are SourceErrors, never hangs -------
+_SMALL = None
+
+
+def _small_cbf() -> bytes:
+    global _SMALL
+    if _SMALL is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            _SMALL = _write_cbf(Path(d) / "s.cbf", np.arange(30 * 41, dtype=np.int32).reshape(30, 41)).read_bytes()
+    return _SMALL
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "cut"]), st.floats(0, 1),
+                                st.binary(min_size=1, max_size=6)), min_size=1, max_size=4))
+def test_damaged_cbf_header_is_a_source_error_never_a_hang(tmp_path, edits):
+    import threading
+
+    raw = bytearray(_small_cbf())
+    end = raw.index(b"\x0c\x1a\x04\xd5") + 40
+    for kind, where, data in edits:
+        pos = int(where * min(end, len(raw)))
+        if kind == "flip":
+            raw[pos:pos + len(data)] = data
+        elif kind == "insert":
+            raw[pos:pos] = data
+        elif kind == "delete":
+            del raw[pos:pos + len(data)]
+        else:
+            del raw[pos:]
+    path = tmp_path / "fuzz.cbf"
+    path.write_bytes(bytes(raw))
+    box = {}
+
+    def read():
+        try:
+            with CbfSource(path) as src:
+                box["frames"] = [f for f, _ in src]
+        except SourceError as exc:
+            box["error"] = exc
+        except BaseException as exc:  # noqa: BLE001 - anything else is the defect
+            box["other"] = exc
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "reading a damaged CBF hangs"
+    assert "other" not in box, repr(box.get("other"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(px=st.floats(allow_nan=True, allow_infinity=True), dist=st.floats(allow_nan=True, allow_infinity=True),
+       wl=st.floats(allow_nan=True, allow_infinity=True), bx=st.floats(allow_nan=True, allow_infinity=True),
+       by=st.floats(allow_nan=True, allow_infinity=True))
+def test_geometry_is_plausible_or_refused(px, dist, wl, bx, by):
+    try:
+        g = Geometry((20, 30), px, dist, wl, (bx, by))
+    except ValueError:
+        return
+    with np.errstate(all="raise"):
+        assert np.isfinite(g.radius).all() and np.isfinite(g.max_radius)
+        assert not np.isnan(g.resolution).any()
