@@ -13,6 +13,11 @@ in frames and seconds, per-rule and global rate limits, and actions. A rule
 only ever fires on a frame where its condition holds, so nothing is sent when
 an anomaly ends or on clean frames.
 
+Leaving the instrument's safe state (``resume``, ``open_shutter``,
+``shutter(open=True)``) is a human decision: a policy refuses such actions at
+load time, and again before a command leaves it, unless the file sets
+``[policy] allow_leave_safe_state = true``.
+
 The policy is pure and deterministic: time comes from ``Observation.t``, the
 only other input is :meth:`Policy.on_ack` (the device-reported attenuation).
 It holds no locks; use one instance per pipeline thread. A frame costs a few
