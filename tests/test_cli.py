@@ -173,3 +173,30 @@ def test_info_and_ports(capsys):
     out = capsys.readouterr().out
     assert "numba threads" in out and "ai-edge-litert" in out
     assert edge_main(["ports"]) == 0
+
+
+def test_run_goes_on_past_a_damaged_file(tmp_path):
+    """The real CLI on a directory whose second file is truncated: exit 0, the
+    summary reports the unreadable frame, the JSONL holds its error record."""
+    import numpy as np
+    from fabio.cbfimage import CbfImage
+
+    d = tmp_path / "frames"
+    d.mkdir()
+    header = ("\n# Pixel_size 172e-6 m x 172e-6 m\n# Exposure_period 0.02 s\n# Wavelength 0.96859 A\n"
+              "# Detector_distance 0.35100 m\n# Beam_xy (20.5, 15.25) pixels\n")
+    data = np.random.default_rng(1).poisson(5, (40, 50)).astype(np.int32)
+    for k in (1, 2, 3):
+        CbfImage(data=data, header={"_array_data.header_convention": "PILATUS_1.2",
+                                    "_array_data.header_contents": header}).write(str(d / f"img_{k}.cbf"))
+    raw = (d / "img_2.cbf").read_bytes()
+    (d / "img_2.cbf").write_bytes(raw[: raw.index(b"\x0c\x1a\x04\xd5") + 50])
+    out = tmp_path / "r.jsonl"
+    p = _edge("run", "--source", str(d), "--no-model", "--dry-run", "--quiet", "--results", str(out), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "frames in 2, processed 2" in p.stdout and "1 unreadable frames" in p.stdout, p.stdout
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    errors = [r for r in recs if r["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["frame"] == 1 and errors[0]["path"].endswith("img_2.cbf")
+    assert "truncated" in errors[0]["error"]
+    assert [r["frame"] for r in recs if r["type"] == "frame"] == [0, 2]
