@@ -23,6 +23,13 @@ class UsageError(Exception):
     """A bad argument found after parsing (a file, a combination): one line, exit code 2."""
 
 
+def nonempty(text: str) -> str:
+    """A file name, device or spec: not empty (an empty value would silently mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     try:
@@ -574,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="process frames, flag anomalies, send corrections",
                        description="Run the real-time loop. Default: the scripted simulator scenario with the "
                                    "built-in instrument emulator on a pty.")
-    r.add_argument("--source", default="scenario",
+    r.add_argument("--source", type=nonempty, default="scenario",
                    help="'scenario' (default), 'sim', 'scenario:FILE.toml', a CBF file/dir/glob or an Eiger *_master.h5")
     r.add_argument("--layout", default=None, choices=sorted(LAYOUTS), type=str.lower,
                    help="simulated detector: 1m (default), 4m, 9m, 16m, pilatus-6m")
@@ -584,19 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame rate in Hz, 'file' (the file's frame rate) or 'max' (as fast as processing goes); "
                         "default 100 Hz for the simulator, 'max' for files")
     r.add_argument("--loop", action="store_true", help="replay a file source from the start when it ends")
-    r.add_argument("--port", default=None,
+    r.add_argument("--port", type=nonempty, default=None,
                    help="serial device: path, pyserial URL, usb:VID:PID[:SERIAL] (default: built-in emulator)")
     r.add_argument("--dry-run", action="store_true", help="validate and log commands, never send them")
-    r.add_argument("--config", default=None, help="policy TOML (default: the shipped policy_default.toml)")
-    r.add_argument("--limits", default=None, help="bridge limits TOML (default: the shipped limits.toml)")
-    r.add_argument("--model", default=None, help="anomaly model .tflite (default: the shipped model)")
+    r.add_argument("--config", type=nonempty, default=None, help="policy TOML (default: the shipped policy_default.toml)")
+    r.add_argument("--limits", type=nonempty, default=None, help="bridge limits TOML (default: the shipped limits.toml)")
+    r.add_argument("--model", type=nonempty, default=None, help="anomaly model .tflite (default: the shipped model)")
     r.add_argument("--no-model", action="store_true", help="run without the anomaly model")
     r.add_argument("--model-threads", type=bounded_int(1, 256), default=1, help="TFLite threads (default 1)")
     r.add_argument("--threads", type=positive_int, default=None, help="Numba threads (default: all cores)")
     r.add_argument("--queue-size", type=bounded_int(1, 1000), default=4,
                    help="frames buffered before dropping the oldest (default 4)")
-    r.add_argument("--results", default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
-    r.add_argument("--applied-log", default=None, help="built-in emulator: JSON Lines log of applied commands")
+    r.add_argument("--results", type=nonempty, default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
+    r.add_argument("--applied-log", type=nonempty, default=None, help="built-in emulator: JSON Lines log of applied commands")
     r.add_argument("--emulator-attenuation", type=int, default=None,
                    help="built-in emulator: attenuator level set before the run (default 4)")
     r.add_argument("--quiet", action="store_true", help="no live status line")
@@ -637,10 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rates tried for the highest sustained rate (Hz)")
     b.add_argument("--frames", type=positive_int, default=300, help="frames per run")
     b.add_argument("--no-model", action="store_true")
-    b.add_argument("--out", default="runs/latency", help="output path stem (.json and .md are written)")
-    b.add_argument("--web-clients", type=_positive_int, default=None, metavar="N",
-                   help="instead: frame in -> command latency with no live view and with N connected pages "
-                        "(alternating runs; writes <out>-web.json/.md)")
+    b.add_argument("--out", type=nonempty, default="runs/latency", help="output path stem (.json and .md are written)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("view", help="serve the live view of a recorded (or still running) run",
