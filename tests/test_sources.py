@@ -892,3 +892,16 @@ def test_geometry_is_plausible_or_refused(px, dist, wl, bx, by):
     with np.errstate(all="raise"):
         assert np.isfinite(g.radius).all() and np.isfinite(g.max_radius)
         assert not np.isnan(g.resolution).any()
+
+
+def test_loop_over_unreadable_files_stops(tmp_path):
+    """--loop over a directory where nothing is readable any more must not spin forever."""
+    data = np.ones((30, 41), np.int32)
+    path = _write_cbf(tmp_path / "a_1.cbf", data)
+    src = open_source(str(tmp_path), loop=True)
+    path.write_bytes(b"gone")  # damaged after the replay started
+    seen = []
+    with pytest.raises(SourceError, match="no readable frame in a whole pass"):
+        for _ in src.frames(on_error=seen.append):
+            pass
+    assert len(seen) == 1

@@ -228,6 +228,7 @@ class FrameSource:
         self.stats = {"emitted": 0, "late": 0, "reanchors": 0, "bad": 0}
         due = None
         k = 0
+        bad_run = 0  # consecutive unreadable frames
         while total is None or k < total:
             self._check_open()
             j = k if length is None else k % length
@@ -243,8 +244,13 @@ class FrameSource:
                     exc.frame = k  # the index this frame would have had in the run
                     self.stats["bad"] += 1
                     on_error(exc)
+                    bad_run += 1
+                    if length is not None and self.loop and bad_run >= length:
+                        raise SourceError(f"{self.name}: no readable frame in a whole pass of {length}; "
+                                          f"stopping the loop") from exc
                     k += 1
                     continue
+            bad_run = 0
             if self.copy:
                 frame = frame.copy()
             if length is not None and self.loop:
