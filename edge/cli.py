@@ -30,12 +30,16 @@ def nonempty(text: str) -> str:
     return text
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
+def _int(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
@@ -79,12 +83,11 @@ def rate(text: str):
 def bounded_int(lo: int, hi: int):
     """An argparse type: an integer in [lo, hi]."""
     def parse(text: str) -> int:
-        v = positive_int(text) if lo >= 1 else int(text)
+        v = _int(text)
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
         return v
 
-    parse.__name__ = f"integer in [{lo}, {hi}]"
     return parse
 
 
@@ -122,8 +125,8 @@ def _writable(path: str | os.PathLike, option: str, created: list[Path]) -> Path
         if not p.exists():
             p.open("a", encoding="utf-8").close()
             created.append(p)
-        elif not p.is_file() or not os.access(p, os.W_OK):
-            raise IsADirectoryError(21, "not a writable file") if p.is_dir() else PermissionError(13, "not writable")
+        elif not p.is_file() or not os.access(p, os.W_OK):  # never open a FIFO or a device here
+            raise UsageError(f"{option} {path}: cannot write: not a writable regular file")
     except OSError as exc:
         raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
     return p
