@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -197,6 +198,8 @@ class _Status:
 
 def _check_run_args(args, source_kind: str) -> None:
     """Every argument check that needs no slow work; raises UsageError."""
+    from .geometry import LAYOUTS
+
     if args.layout is not None and source_kind not in ("sim", "scenario"):
         raise UsageError(f"--layout {args.layout} applies to the simulator ('sim', 'scenario') only; a file "
                          f"source has its own detector shape")
@@ -215,8 +218,15 @@ def _check_run_args(args, source_kind: str) -> None:
         if m.suffix.lower() != ".tflite":
             raise UsageError(f"--model {args.model}: not a TFLite model (expected a .tflite file with its "
                              f"model_card.json beside it)")
-    if args.port and not args.dry_run and args.port.startswith("/") and not os.path.exists(args.port):
-        raise UsageError(f"--port {args.port}: no such device")
+    if args.port and not args.dry_run and args.port.startswith("/"):  # a device path (not a URL or usb:...)
+        if not os.path.exists(args.port):
+            raise UsageError(f"--port {args.port}: no such device")
+        if not stat.S_ISCHR(os.stat(args.port).st_mode):
+            raise UsageError(f"--port {args.port}: not a serial device (a character device such as /dev/ttyACM0)")
+    arg = args.source.partition(":")[2]
+    if args.layout is not None and source_kind in ("sim", "scenario") and arg.lower() in LAYOUTS \
+            and arg.lower() != args.layout:
+        raise UsageError(f"--layout {args.layout} contradicts --source {args.source}")
     if args.rate == "file" and source_kind in ("sim", "scenario"):
         raise UsageError("--rate file needs a file source (CBF, Eiger) that records its frame time")
 

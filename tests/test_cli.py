@@ -86,6 +86,8 @@ CASES = [
     (["run", "--config", "{d}/bad_policy.toml"], ["--config", "bad_policy.toml", "debounse"]),
     (["run", "--config", "{d}/missing_policy.toml"], ["--config", "missing_policy.toml"]),
     (["run", "--port", "/dev/no-such-tty"], ["--port /dev/no-such-tty", "no such device"]),
+    (["run", "--port", "{d}/notes.cbf"], ["--port", "not a serial device"]),
+    (["run", "--source", "sim:4m", "--layout", "9m"], ["--layout 9m", "contradicts", "sim:4m"]),
     (["run", "--dry-run", "--emulator-attenuation", "3"], ["--emulator-attenuation", "--dry-run"]),
     (["run", "--port", "/dev/null", "--applied-log", "{d}/a.jsonl"], ["--applied-log", "--port"]),
     (["run", "--bogus"], ["unrecognized arguments: --bogus"]),
