@@ -23,8 +23,8 @@ _LENGTH_UNITS = {"m": 1e3, "meter": 1e3, "metre": 1e3, "mm": 1.0, "millimeter": 
                  "micron": 1e-3, "µm": 1e-3}
 _WAVE_UNITS = {"angstrom": 1.0, "a": 1.0, "å": 1.0, "nm": 10.0, "m": 1e10}
 # pixel types the kernels take (edge._validate); complex, bool, strings are refused at open
-_PIXEL_TYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64,
-                                      np.float16, np.float32, np.float64)}
+_PIXEL_TYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32,
+                                      np.int64, np.float16, np.float32, np.float64)}
 
 
 def _import_h5():
@@ -182,6 +182,7 @@ class EigerSource(FrameSource):
         return names
 
     def _link_target(self, name: str) -> str:
+        """The file holding ``/entry/data/<name>`` (the external link's file, or the master)."""
         link = self._file["/entry/data"].get(name, getlink=True)
         fn = getattr(link, "filename", None)
         if not fn:
@@ -191,14 +192,11 @@ class EigerSource(FrameSource):
     def _dataset(self, name: str, frame0: int):
         h5py = _import_h5()
         try:
+            link = self._file["/entry/data"].get(name, getlink=True)
             target = self._link_target(name)
         except Exception as exc:
             raise SourceError(f"{self.path}: /entry/data/{name}: cannot read the link: {type(exc).__name__}: {exc}",
                               path=self.path, frame=frame0) from exc
-        try:
-            link = self._file["/entry/data"].get(name, getlink=True)
-        except Exception:
-            link = None
         if isinstance(link, h5py.ExternalLink):
             # HDF5 would open a FIFO or a device and wait forever: check the
             # whole chain of external links before h5py follows it
@@ -214,7 +212,7 @@ class EigerSource(FrameSource):
                               f"{getattr(ds, 'shape', type(ds).__name__)}", path=target, frame=frame0)
         if np.dtype(ds.dtype).newbyteorder("=") not in _PIXEL_TYPES:
             raise SourceError(f"{target}: /entry/data/{name} has pixel type {ds.dtype}; expected an integer or "
-                              f"float type (uint8/16/32, int8/16/32/64, float16/32/64)", path=target, frame=frame0)
+                              f"float type (uint8/16/32/64, int8/16/32/64, float16/32/64)", path=target, frame=frame0)
         check_frame_size(ds.shape[1:], ds.dtype.itemsize, self.max_frame_bytes,
                          where=f"{target}: /entry/data/{name}", path=target, frame=frame0)
         return ds
