@@ -227,6 +227,13 @@ def _check_run_args(args, source_kind: str) -> None:
     if args.layout is not None and source_kind in ("sim", "scenario") and arg.lower() in LAYOUTS \
             and arg.lower() != args.layout:
         raise UsageError(f"--layout {args.layout} contradicts --source {args.source}")
+    if args.web is not None:  # the address now; binding it (a busy port) comes later, still before the warm-up
+        from .web import WebConfigError, parse_bind
+
+        try:
+            parse_bind(args.web)
+        except WebConfigError as exc:
+            raise UsageError(f"--web {args.web}: {exc}") from None
     if args.rate == "file" and source_kind in ("sim", "scenario"):
         raise UsageError("--rate file needs a file source (CBF, Eiger) that records its frame time")
 
@@ -296,6 +303,14 @@ def cmd_run(args) -> int:
             source.close()
             _remove(created)
             print(f"edge run: --model: {exc}", file=sys.stderr)
+            return 2
+    header = _run_header(args, source, policy, model, results)
+    web = None
+    if args.web is not None:  # bound before the warm-up: a busy port fails at once
+        web = _start_web(args.web, "edge run", header=header, save_dir=results)
+        if web is None:
+            source.close()
+            _remove(created)
             return 2
     import numba
 
@@ -490,6 +505,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.web_clients:
+        return _bench_web(args)
     created: list[Path] = []
     try:
         out = _writable(Path(args.out).with_suffix(".json"), "--out", created)
@@ -513,8 +530,7 @@ def _bench_web(args) -> int:
 
     from .web.bench import to_markdown, web_overhead
 
-    layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
-    res = web_overhead(layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames,
+    res = web_overhead(args.layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames,
                        use_model=not args.no_model)
     out = Path(args.out)
     stem = out.with_name(out.name + "-web")
@@ -658,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=positive_int, default=300, help="frames per run")
     b.add_argument("--no-model", action="store_true")
     b.add_argument("--out", type=nonempty, default="runs/latency", help="output path stem (.json and .md are written)")
+    b.add_argument("--web-clients", type=bounded_int(1, 64), default=None, metavar="N",
+                   help="instead: frame in -> command latency with no live view and with N connected pages "
+                        "(alternating runs; writes <out>-web.json/.md)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("view", help="serve the live view of a recorded (or still running) run",
@@ -666,12 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("results", help="runs/run-<time>.jsonl")
     v.add_argument("--web", metavar="[HOST:]PORT", default="127.0.0.1:8080",
                    help="address (default 127.0.0.1:8080; any other host gets an access token)")
-    v.add_argument("--duration", type=float, default=None, help="stop serving after this many seconds")
+    v.add_argument("--duration", type=positive_float, default=None, help="stop serving after this many seconds")
     v.set_defaults(func=cmd_view)
     rp = sub.add_parser("report", help="write one self-contained HTML report of a run")
     rp.add_argument("results", help="runs/run-<time>.jsonl")
-    rp.add_argument("-o", "--out", default="report.html", help="output HTML file (default report.html)")
-    rp.add_argument("--max-images", type=_positive_int, default=24, help="saved frames to embed (default 24)")
+    rp.add_argument("-o", "--out", type=nonempty, default="report.html", help="output HTML file (default report.html)")
+    rp.add_argument("--max-images", type=bounded_int(1, 10_000), default=24, help="saved frames to embed (default 24)")
     rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("info", help="versions, model runtime, Numba threading, CPU")
