@@ -133,14 +133,15 @@ class CbfSource(FrameSource):
         blob = _read_limited(path, 2 * self.max_frame_bytes, where=where, frame=k)
         mime = _check_layout(blob, where=where, path=path, frame=k)
         nx, ny, n, size, dtype = _binary_format(mime, self.max_frame_bytes, where=where, path=path, frame=k)
+        start = blob.index(_STARTER, blob.index(_SECTION)) + len(_STARTER)
         try:
             img = CbfImage()
-            img.read(io.BytesIO(blob), only_raw=True)  # the CIF header: _array_data.header_contents
+            # the CIF header only (_array_data.header_contents): fabio need not copy the data
+            img.read(io.BytesIO(blob[:start]), only_raw=True)
             header = img.header
         except Exception as exc:  # fabio raises many types on damaged headers
             raise FrameError(f"{where}: cannot read the CBF header (corrupt or not a CBF file): "
                              f"{type(exc).__name__}: {exc}", path=path, frame=k) from exc
-        start = blob.index(_STARTER, blob.index(_SECTION)) + len(_STARTER)
         raw = blob[start:start + size]
         if self.verify_checksum and "Content-MD5" in mime:
             got = base64.b64encode(hashlib.md5(raw).digest()).decode()
