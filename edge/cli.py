@@ -200,6 +200,11 @@ def _check_run_args(args, source_kind: str) -> None:
     """Every argument check that needs no slow work; raises UsageError."""
     from .geometry import LAYOUTS
 
+    if args.source.startswith("tcp://"):
+        if args.rate is not None or args.loop:
+            raise UsageError("--rate/--loop do not apply to a live stream (the detector sets the pace)")
+    elif args.channel is not None or args.series is not None:
+        raise UsageError("--channel/--series apply to a live stream source (tcp://HOST:PORT) only")
     if args.layout is not None and source_kind not in ("sim", "scenario"):
         raise UsageError(f"--layout {args.layout} applies to the simulator ('sim', 'scenario') only; a file "
                          f"source has its own detector shape")
@@ -274,15 +279,8 @@ def cmd_run(args) -> int:
     if source_kind in ("sim", "scenario") and args.layout:
         src_kw["layout"] = args.layout
     if args.source.startswith("tcp://"):  # live Stream V2 detector: it sets the pace
-        if args.rate is not None or args.loop:
-            print("edge run: --rate/--loop do not apply to a live stream (the detector sets the pace)",
-                  file=sys.stderr)
-            return 2
         # images wait compressed in the source's queue (at least 64 of them) before the oldest is dropped
         src_kw.update(channel=args.channel, max_series=args.series, queue_size=max(args.queue_size, 64))
-    elif args.channel is not None or args.series is not None:
-        print("edge run: --channel/--series apply to a live stream source (tcp://HOST:PORT) only", file=sys.stderr)
-        return 2
     rate = args.rate
     if rate is None:  # the simulator stands in for a live detector: pace it like one
         rate = 100.0 if source_kind in ("sim", "scenario") else "max"
@@ -642,28 +640,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--web-keep", action="store_true", help="keep serving the live view after the run until Ctrl-C")
     r.add_argument("--channel", default=None,
                    help="live stream: image channel (threshold) name; default the first listed in 'start'")
-    r.add_argument("--series", type=_positive_int, default=None, help="live stream: stop after this many series end")
+    r.add_argument("--series", type=positive_int, default=None, help="live stream: stop after this many series end")
     r.set_defaults(func=cmd_run)
 
     sv = sub.add_parser("serve", help="replay a source as a DECTRIS Stream V2 detector (ZeroMQ PUSH server)",
                         description="Detector simulator that speaks Stream V2: binds a PUSH socket and sends "
                                     "start / image / end messages for each series, paced at --rate.")
-    sv.add_argument("--source", default="scenario",
+    sv.add_argument("--source", type=nonempty, default="scenario",
                     help="'scenario' (default), 'sim', 'scenario:FILE.toml', a CBF file/dir/glob or an Eiger *_master.h5")
-    sv.add_argument("--layout", default=None, help="simulated detector: 1m (default), 4m, 9m, 16m")
+    sv.add_argument("--layout", default=None, choices=sorted(LAYOUTS), type=str.lower,
+                    help="simulated detector: 1m (default), 4m, 9m, 16m, pilatus-6m")
     sv.add_argument("--bind", default="127.0.0.1", help="address to bind (default 127.0.0.1; '*' = all interfaces)")
-    sv.add_argument("--port", type=int, default=31001, help="TCP port (default 31001, as a DCU)")
-    sv.add_argument("--rate", type=_rate, default=None,
+    sv.add_argument("--port", type=bounded_int(1, 65535), default=31001, help="TCP port (default 31001, as a DCU)")
+    sv.add_argument("--rate", type=rate, default=None,
                     help="images per second, 'file' or 'max'; default 100 Hz for the simulator, 'max' for files")
-    sv.add_argument("--frames", type=_positive_int, default=None, help="images per series (default: the whole source)")
-    sv.add_argument("--series", type=_positive_int, default=1, help="series to send (default 1)")
-    sv.add_argument("--series-id", type=int, default=1, help="series_id of the first series (default 1)")
+    sv.add_argument("--frames", type=positive_int, default=None, help="images per series (default: the whole source)")
+    sv.add_argument("--series", type=positive_int, default=1, help="series to send (default 1)")
+    sv.add_argument("--series-id", type=bounded_int(0, 2**63 - 1), default=1,
+                    help="series_id of the first series (default 1)")
     sv.add_argument("--compression", choices=["bslz4", "lz4", "none"], default="bslz4")
     sv.add_argument("--dtype", choices=["uint8", "uint16", "uint32"], default="uint32", help="pixel type sent")
     sv.add_argument("--no-mask", action="store_true", help="no pixel_mask in the start message")
-    sv.add_argument("--send-timeout", type=float, default=1.0,
+    sv.add_argument("--send-timeout", type=positive_float, default=1.0,
                     help="seconds an image may wait for a reading client before it is counted unsent")
-    sv.add_argument("--wait-client", type=float, default=60.0, help="seconds to wait for a client (default 60)")
+    sv.add_argument("--wait-client", type=positive_float, default=60.0,
+                    help="seconds to wait for a client (default 60)")
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
@@ -701,7 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2, its line already printed) or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except KeyboardInterrupt:  # e.g. Ctrl-C during the kernel warm-up (a running loop handles its own)

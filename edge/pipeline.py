@@ -140,6 +140,7 @@ class RunSummary:
     peaks: dict = field(default_factory=dict)
     errors: int = 0
     results_path: str | None = None
+    series: list = field(default_factory=list)  # live stream: one record per series (edge.sources.stream)
     frames_bad: int = 0
 
     def to_dict(self) -> dict:
@@ -655,7 +656,12 @@ class Pipeline:
             commands=dict(outcomes), flags=dict(flags),
             peaks={"median": float(np.median(npk)) if npk else None, "max": max(npk) if npk else None},
             errors=self.errors, results_path=None if self._log.path is None else str(self._log.path),
-            frames_bad=self.frames_bad)
+            series=list(self.series_records), frames_bad=self.frames_bad)
+
+
+def _series_key(d: dict) -> tuple:
+    # a restarted detector (or edge serve) may reuse series_id: the unique id tells series apart
+    return d.get("series_id"), d.get("series_unique_id")
 
 
 def _failure_kind(exc: Exception) -> str:

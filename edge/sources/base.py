@@ -217,6 +217,12 @@ class FrameSource:
             goes on with the next frame, whose index stays what it would have
             been. None: the error is raised and iteration ends.
         """
+        if type(self).__iter__ is not FrameSource.__iter__:
+            # a source with its own iteration (a live stream) reports its own bad frames
+            return iter(self)
+        return self._frames(on_error)
+
+    def _frames(self, on_error: Callable[[FrameError], None] | None) -> Iterator[tuple[np.ndarray, FrameMeta]]:
         self.prepare()
         length = self._length()
         if length is None and self._preloaded is not None:
