@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-model", action="store_true", help="run without the anomaly model")
     r.add_argument("--model-threads", type=bounded_int(1, 256), default=1, help="TFLite threads (default 1)")
     r.add_argument("--threads", type=positive_int, default=None, help="Numba threads (default: all cores)")
-    r.add_argument("--queue-size", type=bounded_int(1, 1000), default=4,
+    r.add_argument("--queue-size", type=bounded_int(1, 100_000), default=4,
                    help="frames buffered before dropping the oldest (default 4)")
     r.add_argument("--results", type=nonempty, default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
     r.add_argument("--applied-log", type=nonempty, default=None, help="built-in emulator: JSON Lines log of applied commands")

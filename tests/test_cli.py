@@ -62,7 +62,7 @@ CASES = [
     (["run", "--source", "scenario:{d}/many_spots.toml"], ["--source", "n_spots"]),
     (["run", "--config", "{d}/binary.toml"], ["--config", "binary.toml"]),
     (["run", "--limits", "{d}/binary.toml"], ["--limits", "binary.toml"]),
-    (["run", "--queue-size", "100000"], ["argument --queue-size", "[1, 1000]"]),
+    (["run", "--queue-size", "1000000"], ["argument --queue-size", "[1, 100000]"]),
     (["run", "--model-threads", "100000"], ["argument --model-threads", "[1, 256]"]),
     (["run", "--results", "{d}/fifo"], ["--results", "cannot write"]),
     (["run", "--rate", "nan"], ["argument --rate"]),
