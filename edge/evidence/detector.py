@@ -1,0 +1,88 @@
+"""Saturation and detector-fault evidence: the pixels and regions concerned.
+
+Both read numbers the pipeline already has (peaks, the anomaly features,
+:func:`edge.measure.find_dead_regions` when a fault is suspected); nothing
+here makes a pass over the frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..features import FEATURE_NAMES, HOT_BLOCK_PX, MIN_SAT_PEAK_PIX
+
+__all__ = ["saturation_evidence", "fault_evidence", "FAULT_LIMITS"]
+
+_IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+#: Feature levels beyond which a fault is visible in the frame (each beyond
+#: the 99.9th percentile of simulated normal frames and of the real frames):
+#: name -> (feature, limit, direction, how to turn the feature into the
+#: reported number).
+FAULT_LIMITS = {
+    "dead_area_fraction": ("dead_area_fraction", 0.004, 1),
+    "tile_zero_excess_max": ("tile_zero_excess_max", 0.25, 1),
+    "column_zero_excess_max": ("col_zero_excess_max", 0.25, 1),
+    "row_zero_excess_max": ("row_zero_excess_max", 0.25, 1),
+    "hot_block_excess_px": ("log2_hot_block_excess", 0.5, 1),
+    "tile_log2_ratio_max": ("tile_ratio_max", 0.8, 1),
+    "tile_log2_ratio_min": ("tile_ratio_min", -1.0, -1),
+}
+
+
+def saturation_evidence(peaks, features: np.ndarray, saturation: float | None) -> dict:
+    """Saturated peaks (>= 4 px, so not a defective pixel) and clustered saturated pixels.
+
+    Returns
+    -------
+    dict
+        ``saturated_peaks``, ``saturated_pixels_clustered`` (pixels at the
+        cutoff with a bright neighbour, estimated from every 4th row),
+        ``largest_peak_px``, ``where_xy`` (up to 5 saturated peaks, px),
+        ``cutoff_counts`` and ``verdict`` (``saturated`` or ``none``).
+    """
+    f = np.asarray(features, np.float64)
+    sat = np.asarray(peaks.saturated, bool) & (np.asarray(peaks.npix) >= MIN_SAT_PEAK_PIX)
+    order = np.argsort(-np.asarray(peaks.npix)[sat]) if sat.any() else np.zeros(0, np.int64)
+    where = [[round(float(x), 1), round(float(y), 1)]
+             for x, y in zip(np.asarray(peaks.x)[sat][order][:5], np.asarray(peaks.y)[sat][order][:5])]
+    clustered = int(round(10.0 ** f[_IDX["log_saturated_clustered"]] - 1.0))
+    largest = int(np.max(peaks.npix)) if len(peaks) else 0
+    n_sat = int(sat.sum())
+    return {"verdict": "saturated" if (n_sat or clustered) else "none", "saturated_peaks": n_sat,
+            "saturated_pixels_clustered": clustered, "largest_peak_px": largest, "where_xy": where,
+            "cutoff_counts": None if saturation is None else float(saturation)}
+
+
+def fault_evidence(features: np.ndarray, dead_regions: list | None) -> dict:
+    """Dead regions found in the frame and the fault features beyond their limits.
+
+    Parameters
+    ----------
+    features : ndarray
+        The frame's anomaly features.
+    dead_regions : list of (row0, row1, col0, col1) or None
+        :func:`edge.measure.find_dead_regions` (None = not measured).
+
+    Returns
+    -------
+    dict
+        ``verdict`` (``fault`` or ``none``), ``dead_regions`` (half-open
+        pixel boxes), ``beyond`` (names of the indicators past their
+        limits) and every indicator's value.
+    """
+    f = np.asarray(features, np.float64)
+    vals, beyond = {}, []
+    for name, (feat, limit, sign) in FAULT_LIMITS.items():
+        v = float(f[_IDX[feat]])
+        if name == "hot_block_excess_px":
+            v = 2.0 ** v - 1.0 + (HOT_BLOCK_PX if v > 0 else 0.0)
+            hit = f[_IDX[feat]] >= limit
+        else:
+            hit = v * sign >= limit * sign
+        vals[name] = round(v, 4)
+        if hit:
+            beyond.append(name)
+    regions = [[int(v) for v in b] for b in (dead_regions or [])]
+    return {"verdict": "fault" if (regions or beyond) else "none", "dead_regions": regions[:8],
+            "beyond": beyond, **vals}

@@ -1,0 +1,214 @@
+"""The confirmation step between the model's proposals and a flag that may drive hardware."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..background import RadialStats, prepare_frame
+from ..geometry import Geometry
+from .beam import beam_state, offset_evidence
+from .detector import fault_evidence, saturation_evidence
+from .ice import STRONG_LINES_A, ice_ring_evidence, ring_profile, winsorised_profile
+
+__all__ = ["Assessment", "EvidenceGate", "MISSING"]
+
+#: Sentinel: a measurement the caller did not make (the gate makes it if needed).
+MISSING = object()
+#: A ring this visible in the clipped (sampled) profile makes the gate read
+#: the full-resolution ring profile even if the model did not propose ice.
+_SUSPECT_Z, _SUSPECT_CONTRAST = 3.0, 1.03
+#: Below this clipped background (counts/pixel) the clipped ring means lose
+#: the counts (mostly-zero frames read 0): the beam is judged on a
+#: winsorised profile of every 4th row instead.
+_SPARSE_LEVEL = 0.5
+_SPARSE_ROW_STEP = 4
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Model proposals checked against physical evidence.
+
+    Attributes
+    ----------
+    flags : tuple of str
+        Confirmed flags (model proposal + evidence, or evidence alone for
+        ``ice_rings`` and the no beam / blank choice): only these may lead to
+        a command.
+    proposed : tuple of str
+        The model's flags (probability >= threshold).
+    unconfirmed : tuple of str
+        Proposals the evidence did not confirm (reported as probabilities only).
+    raised : tuple of str
+        Flags raised by evidence the model did not propose.
+    evidence : dict
+        Per class (proposed or flagged) the numbers behind the decision, with
+        units in the key names; JSON-serialisable.
+    """
+
+    flags: tuple
+    proposed: tuple
+    unconfirmed: tuple
+    raised: tuple
+    evidence: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"flags": list(self.flags), "proposed": list(self.proposed), "unconfirmed": list(self.unconfirmed),
+                "raised": list(self.raised), "evidence": self.evidence}
+
+    def summary(self) -> str:
+        """One readable line: why each flag was raised, why proposals were not confirmed."""
+        parts = [f"{c}: {_why(c, self.evidence.get(c, {}))}" for c in self.flags]
+        parts += [f"not {c} ({_why(c, self.evidence.get(c, {}))})" for c in self.unconfirmed]
+        return "; ".join(parts)
+
+
+def _why(cls: str, ev: dict) -> str:
+    if cls == "ice_rings":
+        found = [r for r in ev.get("rings", []) if r["found"]]
+        if not found:
+            return "no ring above background" if ev.get("rings") else "no ice line on the detector"
+        return "rings at " + ", ".join(f"{r['d_A']:.2f} A (x{r['contrast']:.2f}, z {r['z']:.0f})" for r in found)
+    if cls in ("blank", "no_beam"):
+        return (f"{ev.get('verdict')}: {ev.get('clear_peaks')} clear peaks, background "
+                f"{ev.get('background_counts_per_px', 0):.3g} counts/px, scatter x{ev.get('scatter_ratio', 1):.2f} "
+                f"(z {ev.get('scatter_z', 0):.0f})")
+    if cls == "beam_off_center":
+        return ev.get("reason", ev.get("verdict", ""))
+    if cls == "saturation":
+        return (f"{ev.get('saturated_peaks')} saturated peaks, ~{ev.get('saturated_pixels_clustered')} clustered "
+                f"saturated px, largest peak {ev.get('largest_peak_px')} px")
+    if cls == "detector_fault":
+        regions = ev.get("dead_regions") or []
+        txt = ", ".join(f"rows {r[0]}-{r[1]} cols {r[2]}-{r[3]}" for r in regions[:3])
+        beyond = ", ".join(f"{k} {ev[k]}" for k in ev.get("beyond", []))
+        return "; ".join(s for s in (f"dead {txt}" if txt else "", beyond) if s) or "no faulty region seen"
+    return ""
+
+
+class EvidenceGate:
+    """Confirms the model's flags with physical evidence, frame by frame.
+
+    Rules (documented in ``models/README.md``):
+
+    * ``ice_rings`` needs at least one ice line found (:mod:`.ice`); two
+      lines found, one of them among the three strongest, raise it even
+      when the model did not propose it;
+    * a proposed ``no_beam`` or ``blank`` becomes the beam verdict
+      (:func:`.beam.beam_state`): ``no_beam``, ``blank`` or nothing (a frame
+      with diffraction);
+    * ``beam_off_center`` needs a measured offset >= 20 px with enough
+      counts near the beam (never on "cannot judge");
+    * ``saturation`` needs saturated peaks or clustered saturated pixels;
+    * ``detector_fault`` needs a dead region or a fault indicator beyond
+      its limit (:data:`.detector.FAULT_LIMITS`).
+
+    Keeps the background level of recent beam-on frames (a beam loss is a
+    drop against them), so use one gate per stream.
+
+    Parameters
+    ----------
+    history : int
+        Beam-on frames whose median background is the reference.
+    """
+
+    def __init__(self, history: int = 50) -> None:
+        self._levels: deque = deque(maxlen=max(1, int(history)))
+
+    @property
+    def recent_level(self) -> float | None:
+        """Median background (counts/pixel) of the recent beam-on frames, None before any."""
+        return float(np.median(self._levels)) if self._levels else None
+
+    def __call__(self, probabilities: dict, proposed, frame: np.ndarray, geometry: Geometry, *,
+                 stats: RadialStats, peaks, features: np.ndarray, beam_offset=MISSING,
+                 dead_regions=MISSING) -> Assessment:
+        """Assess one frame.
+
+        Parameters
+        ----------
+        probabilities : dict of str -> float
+            The model's probabilities (reported alongside, not re-thresholded).
+        proposed : iterable of str
+            The model's flags.
+        frame, geometry, stats, peaks, features
+            The frame and what the pipeline computed from it.
+        beam_offset : (dx, dy), None or MISSING
+            :func:`edge.measure.measure_beam_offset` result if the caller
+            measured it (None = no shadow found); measured here when needed.
+        dead_regions : list, None or MISSING
+            :func:`edge.measure.find_dead_regions` result if measured.
+        """
+        proposed = tuple(proposed)
+        ev: dict = {}
+        flags: list[str] = []
+        beam = beam_state(stats, peaks, recent_level=self.recent_level)
+        # the reference for a beam loss: clipped levels of beam-on frames
+        level_on = beam["background_counts_per_px"] if beam["verdict"] in ("diffraction", "blank") else None
+        # ice: cheap check on the clipped profile every frame, the full ring
+        # profile only when the model or that check suspects a ring
+        ice = ice_ring_evidence(stats.mean, stats.count, geometry, bin_width=stats.bins.width)
+        suspect = any(r["z"] >= _SUSPECT_Z and r["contrast"] >= _SUSPECT_CONTRAST for r in ice)
+        if "ice_rings" in proposed or suspect:
+            arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
+            mean, count = ring_profile(arr, geometry, stats, lo_valid=lo, hi_valid=hi)
+            ice = ice_ring_evidence(mean, count, geometry, bin_width=stats.bins.width)
+            profile = "full"
+        else:
+            profile = "sampled"
+        found = [r for r in ice if r["found"]]
+        strong = any(np.isclose(r["d_A"], STRONG_LINES_A, atol=1e-3).any() for r in found)
+        ice_ev = {"verdict": "rings" if found else ("none" if ice else "cannot_judge"), "profile": profile,
+                  "found_d_A": [r["d_A"] for r in found],
+                  "rings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in ice]}
+        if found and "ice_rings" in proposed:
+            flags.append("ice_rings")
+        elif len(found) >= 2 and strong:
+            flags.append("ice_rings")
+        if "ice_rings" in proposed or "ice_rings" in flags:
+            ev["ice_rings"] = ice_ev
+        # no beam / blank: the beam verdict decides between them
+        if "no_beam" in proposed or "blank" in proposed:
+            if beam["background_counts_per_px"] < _SPARSE_LEVEL and beam["verdict"] != "diffraction":
+                arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
+                step = _SPARSE_ROW_STEP
+                prof = winsorised_profile(arr[::step].ravel(), stats.bins.index[::step].ravel(), stats,
+                                          lo_valid=lo, hi_valid=hi)
+                beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof)
+            for c in ("blank", "no_beam"):
+                if c in proposed or beam["verdict"] == c:
+                    ev[c] = beam
+            if beam["verdict"] in ("blank", "no_beam"):
+                flags.append(beam["verdict"])
+        if "saturation" in proposed:
+            sat = saturation_evidence(peaks, features, geometry.saturation)
+            ev["saturation"] = sat
+            if sat["verdict"] == "saturated":
+                flags.append("saturation")
+        if "beam_off_center" in proposed:
+            if beam_offset is MISSING:
+                from ..measure import measure_beam_offset
+
+                beam_offset = measure_beam_offset(frame, geometry)
+            off = offset_evidence(beam_offset, stats)
+            ev["beam_off_center"] = off
+            if off["verdict"] == "off_centre":
+                flags.append("beam_off_center")
+        if "detector_fault" in proposed:
+            if dead_regions is MISSING:
+                from ..measure import find_dead_regions
+
+                dead_regions = find_dead_regions(frame, geometry, stats=stats)
+            fault = fault_evidence(features, dead_regions)
+            ev["detector_fault"] = fault
+            if fault["verdict"] == "fault":
+                flags.append("detector_fault")
+        if level_on is not None:
+            self._levels.append(level_on)
+        order = {c: k for k, c in enumerate(probabilities)}
+        flags = sorted(set(flags), key=lambda c: order.get(c, len(order)))
+        return Assessment(flags=tuple(flags), proposed=proposed,
+                          unconfirmed=tuple(c for c in proposed if c not in flags),
+                          raised=tuple(c for c in flags if c not in proposed), evidence=ev)
