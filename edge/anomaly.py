@@ -79,14 +79,21 @@ class AnomalyResult:
     probabilities : dict of str -> float
         Per-class probability in [0, 1] (classes as in the model card).
     flags : tuple of str
-        Classes whose probability reaches the card's threshold; empty = normal.
+        From :meth:`AnomalyModel.predict`: classes whose probability reaches
+        the card's threshold. From :meth:`AnomalyModel.classify`: those
+        proposals confirmed by the frame's evidence, plus flags the evidence
+        raises alone (:mod:`edge.evidence`); empty = normal.
     raw : ndarray of float32, shape (n_classes,)
         The probabilities in class order.
+    assessment : edge.evidence.Assessment or None
+        The confirmation step (proposals, unconfirmed ones, evidence with
+        units); None from :meth:`AnomalyModel.predict`.
     """
 
     probabilities: dict
     flags: tuple
     raw: np.ndarray = field(repr=False)
+    assessment: object = field(default=None, repr=False)
 
     @property
     def normal(self) -> bool:
@@ -224,8 +231,12 @@ class AnomalyModel:
         p = self.predict_proba(f.reshape(1, -1) if f.ndim == 1 else f)[0]
         return self._result(p)
 
-    def classify(self, frame: np.ndarray, geometry: Geometry, *, stats=None, peaks=None) -> AnomalyResult:
-        """Features of ``frame`` then :meth:`predict`.
+    def classify(self, frame: np.ndarray, geometry: Geometry, *, stats=None, peaks=None, gate=None) -> AnomalyResult:
+        """Features of ``frame``, :meth:`predict`, then the evidence check.
+
+        The model's flags are proposals: only those the frame's physical
+        evidence confirms are returned as ``flags`` (see
+        :class:`edge.evidence.EvidenceGate`); the rest stay probabilities.
 
         Parameters
         ----------
@@ -236,17 +247,33 @@ class AnomalyModel:
         stats, peaks : optional
             :func:`edge.radial_stats` and :func:`edge.find_peaks` results of this
             frame, reused when given (computed otherwise).
+        gate : edge.evidence.EvidenceGate, optional
+            The gate of this stream (it remembers recent background levels);
+            default a fresh one.
 
         Raises
         ------
         AnomalyInputError
             Wrong frame shape/dtype, NaN/inf on valid pixels, geometry mismatch.
         """
+        from .background import radial_stats
+        from .evidence import EvidenceGate
+        from .spotfinding import find_peaks
+
+        if not isinstance(geometry, Geometry):
+            raise AnomalyInputError(f"geometry must be an edge.Geometry, got {type(geometry).__name__}")
         try:
+            if stats is None:
+                stats = radial_stats(frame, geometry=geometry)
+            if peaks is None:
+                peaks = find_peaks(frame, geometry=geometry, stats=stats)
             f = frame_features(frame, geometry, stats=stats, peaks=peaks)
-        except FeatureError as exc:
+        except (FeatureError, ValueError) as exc:
             raise AnomalyInputError(str(exc)) from exc
-        return self.predict(f)
+        res = self.predict(f)
+        gate = EvidenceGate() if gate is None else gate
+        a = gate(res.probabilities, res.flags, frame, geometry, stats=stats, peaks=peaks, features=f)
+        return AnomalyResult(res.probabilities, a.flags, res.raw, a)
 
     def warmup(self) -> None:
         """Compile the feature kernels and run one inference (call at start-up)."""

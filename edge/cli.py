@@ -153,6 +153,7 @@ class _Status:
         self.lat: list[float] = []
         self.flags: dict[str, int] = {}
         self.cmds = 0
+        self.last_flags: tuple = ()
         self.pipe = None
 
     def __call__(self, rec: dict) -> None:
@@ -161,6 +162,12 @@ class _Status:
         for f in rec["flags"]:
             self.flags[f] = self.flags.get(f, 0) + 1
         self.cmds += sum(1 for a in rec["actions"] if a["action"] == "command")
+        # why a flag was raised (or a proposal not confirmed), once per change of flags
+        why = rec.get("evidence_summary")
+        if why and not self.quiet and tuple(rec["flags"]) != self.last_flags:
+            lead = "\n" if self.tty else ""  # off the status line being redrawn
+            self.stream.write(f"{lead}frame {rec['frame']}: {why}\n")
+        self.last_flags = tuple(rec["flags"])
         now = time.perf_counter()
         if self.quiet or now - self.t_last < self.interval:
             return

@@ -40,6 +40,7 @@ import numpy as np
 
 from .background import radial_stats
 from .geometry import Geometry
+from .evidence import MISSING, EvidenceGate
 from .measure import find_dead_regions, measure_beam_offset
 from .policy import Command, MaskRegion, Observation, Policy
 from .spotfinding import find_peaks
@@ -280,6 +281,7 @@ class Pipeline:
         self.source = source
         self.measure_every = max(1, int(measure_every))
         self._measurements: dict[str, tuple[int, Any]] = {}
+        self._gate = EvidenceGate()  # per stream: remembers recent background levels
         self.block_source = (getattr(source, "rate_hz", None) is None) if block_source is None else block_source
         self.model = model
         self.policy = policy
@@ -421,6 +423,8 @@ class Pipeline:
         t_pk = time.perf_counter()
         probs: dict[str, float] = {}
         flags: tuple[str, ...] = ()
+        proposed: tuple[str, ...] = ()
+        assessment = None
         t_ft = t_inf = t_pk
         if self.model is not None:
             from .features import frame_features
@@ -429,14 +433,23 @@ class Pipeline:
             t_ft = time.perf_counter()
             res = self.model.predict(feats)
             t_inf = time.perf_counter()
-            probs, flags = res.probabilities, tuple(res.flags)
+            probs, proposed = res.probabilities, tuple(res.flags)
         # measurements only on flagged frames, and at most every
         # `measure_every` frames (they cost milliseconds to tens of ms; a
         # drifted beam or a dead module does not change from frame to frame)
-        offset = self._measured("beam_offset", meta.index, "beam_off_center" in flags,
+        offset = self._measured("beam_offset", meta.index, "beam_off_center" in proposed,
                                 lambda: measure_beam_offset(frame, geom))
-        fault = self._measured("fault", meta.index, "detector_fault" in flags,
-                               lambda: next(iter(find_dead_regions(frame, geom, stats=stats)), None))
+        if self.model is not None:
+            # a proposal leads to a command only when the frame's evidence
+            # confirms it; the gate asks for the dead regions only if needed
+            assessment = self._gate(
+                probs, proposed, frame, geom, stats=stats, peaks=peaks, features=feats,
+                beam_offset=offset if "beam_off_center" in proposed else MISSING,
+                dead_regions=lambda: self._measured("fault", meta.index, True,
+                                                    lambda: find_dead_regions(frame, geom, stats=stats)))
+            flags = assessment.flags
+        regions = assessment.evidence.get("detector_fault", {}).get("dead_regions") if assessment else None
+        fault = tuple(regions[0]) if regions and "detector_fault" in flags else None
         t_meas = time.perf_counter()
         median_snr = float(np.median(peaks.snr)) if len(peaks) else None
         actions = []
@@ -446,7 +459,10 @@ class Pipeline:
                     self.policy.on_ack(self._outcomes.get_nowait())
                 except queue.Empty:
                     break
-            obs = Observation(index=meta.index, t=meta.t_source, flags=frozenset(flags), probabilities=probs,
+            # the policy also switches rules on by probability: a class the
+            # evidence did not confirm must not reach it that way either
+            gated = {c: (p if c in flags else 0.0) for c, p in probs.items()}
+            obs = Observation(index=meta.index, t=meta.t_source, flags=frozenset(flags), probabilities=gated,
                               n_peaks=len(peaks), median_snr=median_snr,
                               n_saturated_peaks=int(peaks.saturated.sum()),
                               beam_offset_px=offset, fault_region=fault)
@@ -490,6 +506,10 @@ class Pipeline:
         }
         if offset is not None:
             record["beam_offset_px"] = offset
+        if assessment is not None and (assessment.flags or assessment.proposed):
+            record["proposed"] = list(assessment.proposed)
+            record["evidence"] = assessment.evidence
+            record["evidence_summary"] = assessment.summary()
         if meta.truth:
             record["truth"] = sorted(meta.truth)
         if "phase" in meta.info:

@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# beside the checkout (/work/main -> /work/shared), or one level up for a git
+# worktree (/work/wt/<name> -> /work/shared)
+SHARED = next((p / "shared" for p in Path(__file__).resolve().parents[2:4] if (p / "shared").is_dir()),
+              Path(__file__).resolve().parents[2] / "shared")
 REAL_FRAMES = SHARED / "real_frames"
 REAL_NAMES = {
     "strong1": "thau_3_2_0002.cbf.bz2",

@@ -52,6 +52,9 @@ OFFSET_MIN_PX = 20.0
 #: The shadow search smooths over 7 x 7 px: below this many counts per box
 #: around the beam a shadow cannot be told from Poisson zeros.
 MIN_BOX_COUNTS = 5.0
+#: ... with at least this many counts in the highest band (Poisson z means
+#: little on a handful of counts).
+MIN_STRUCTURE_COUNTS = 100.0
 _N_BANDS = 8
 
 
@@ -63,14 +66,14 @@ def background_level(mean: np.ndarray, count: np.ndarray) -> float:
     return float(np.average(m[ok], weights=c[ok])) if ok.any() else 0.0
 
 
-def _structure(mean: np.ndarray, count: np.ndarray) -> tuple[float, float]:
-    """Ratio of the highest to the lowest radial-band mean and its Poisson z
-    (bands of equal pixel count)."""
+def _structure(mean: np.ndarray, count: np.ndarray) -> tuple[float, float, float]:
+    """Ratio of the highest to the lowest radial-band mean, its Poisson z
+    and the counts in the highest band (bands of equal pixel count)."""
     m = np.asarray(mean, np.float64)
     c = np.asarray(count, np.float64)
     ok = np.isfinite(m) & (c > 0)
     if ok.sum() < _N_BANDS:
-        return 1.0, 0.0
+        return 1.0, 0.0, 0.0
     m, c = m[ok], c[ok]
     cum = np.cumsum(c)
     band = np.minimum((cum - 0.5 * c) * _N_BANDS // cum[-1], _N_BANDS - 1).astype(np.int64)
@@ -81,7 +84,7 @@ def _structure(mean: np.ndarray, count: np.ndarray) -> tuple[float, float]:
     hi, lo = int(np.argmax(bm)), int(np.argmin(bm))
     ratio = (bm[hi] + 1e-9) / (bm[lo] + 1e-9)
     z = (bm[hi] - bm[lo]) / math.sqrt(max(bm[hi] / bn[hi] + bm[lo] / bn[lo], 1e-12))
-    return float(ratio), float(z)
+    return float(ratio), float(z), float(bm[hi] * bn[hi])
 
 
 def beam_state(stats: RadialStats, peaks, *, recent_level: float | None = None,
@@ -98,7 +101,7 @@ def beam_state(stats: RadialStats, peaks, *, recent_level: float | None = None,
         Median background (counts/pixel) of recent beam-on frames.
     profile : (mean, count), optional
         Ring means that keep the upper tail of low counts
-        (:func:`edge.evidence.ice.winsorised_profile`); used instead of the
+        (:func:`edge.evidence.ice.sampled_profile`); used instead of the
         clipped means, which read 0 on frames that are mostly zeros.
 
     Returns
@@ -111,9 +114,9 @@ def beam_state(stats: RadialStats, peaks, *, recent_level: float | None = None,
     """
     mean, count = (stats.mean, stats.count) if profile is None else profile
     level = background_level(mean, count)
-    ratio, z = _structure(mean, count)
+    ratio, z, n_hi = _structure(mean, count)
     n_clear = int(np.count_nonzero(np.asarray(peaks.snr) >= CLEAR_SNR)) if peaks is not None else 0
-    structured = ratio >= STRUCTURE_RATIO and z >= STRUCTURE_Z
+    structured = ratio >= STRUCTURE_RATIO and z >= STRUCTURE_Z and n_hi >= MIN_STRUCTURE_COUNTS
     dropped = recent_level is not None and recent_level > 0 and level * DROP_FACTOR <= recent_level
     if n_clear >= MIN_DIFFRACTION_PEAKS:
         verdict = "diffraction"
@@ -124,7 +127,7 @@ def beam_state(stats: RadialStats, peaks, *, recent_level: float | None = None,
     else:
         verdict = "cannot_judge"
     return {"verdict": verdict, "background_counts_per_px": level,
-            "profile": "clipped" if profile is None else "winsorised", "dark_max_counts_per_px": DARK_MAX_COUNTS,
+            "profile": "clipped" if profile is None else "capped", "dark_max_counts_per_px": DARK_MAX_COUNTS,
             "clear_peaks": n_clear, "peaks": int(len(peaks)) if peaks is not None else 0,
             "scatter_ratio": ratio, "scatter_z": z,
             "recent_background_counts_per_px": recent_level}

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..background import RadialStats, prepare_frame
+from ..features import FEATURE_NAMES
 from ..geometry import Geometry
 from .beam import beam_state, offset_evidence
 from .detector import fault_evidence, saturation_evidence
-from .ice import STRONG_LINES_A, ice_ring_evidence, ring_profile, winsorised_profile
+from .ice import ice_ring_evidence, ice_verdict, ring_profile, sampled_profile
 
 __all__ = ["Assessment", "EvidenceGate", "MISSING"]
 
@@ -24,6 +25,15 @@ _SUSPECT_Z, _SUSPECT_CONTRAST = 3.0, 1.03
 #: the counts (mostly-zero frames read 0): the beam is judged on a
 #: winsorised profile of every 4th row instead.
 _SPARSE_LEVEL = 0.5
+#: Dead regions are looked for (a full-frame pass) when the model gives
+#: ``detector_fault`` at least this probability or a tile holds this excess
+#: of zero pixels over Poisson (real frames: <= 0.06; a zeroed module on a
+#: real blank: 0.10) ...
+_FAULT_SUSPECT_P, _FAULT_SUSPECT_ZERO_EXCESS = 0.1, 0.08
+#: ... and a dead region whose centre is this far from the beam raises the
+#: flag alone (near the beam a thick beamstop shadow can read zero).
+_FAULT_RAISE_MIN_R_PX = 100.0
+_TILE_ZERO_EXCESS = FEATURE_NAMES.index("tile_zero_excess_max")
 _SPARSE_ROW_STEP = 4
 
 
@@ -93,9 +103,9 @@ class EvidenceGate:
 
     Rules (documented in ``models/README.md``):
 
-    * ``ice_rings`` needs at least one ice line found (:mod:`.ice`); two
-      lines found, one of them among the three strongest, raise it even
-      when the model did not propose it;
+    * ``ice_rings`` needs at least one ice line found (:mod:`.ice`); the
+      3.90 A line clearly found with another strong line agreeing raise it
+      even when the model did not propose it (:func:`.ice.ice_verdict`);
     * a proposed ``no_beam`` or ``blank`` becomes the beam verdict
       (:func:`.beam.beam_state`): ``no_beam``, ``blank`` or nothing (a frame
       with diffraction);
@@ -103,7 +113,9 @@ class EvidenceGate:
       counts near the beam (never on "cannot judge");
     * ``saturation`` needs saturated peaks or clustered saturated pixels;
     * ``detector_fault`` needs a dead region or a fault indicator beyond
-      its limit (:data:`.detector.FAULT_LIMITS`).
+      its limit (:data:`.detector.FAULT_LIMITS`); a dead region (64 px
+      tiles reading 0 where >= 30 counts are expected) away from the beam
+      raises it alone.
 
     Keeps the background level of recent beam-on frames (a beam loss is a
     drop against them), so use one gate per stream.
@@ -135,11 +147,12 @@ class EvidenceGate:
             The model's flags.
         frame, geometry, stats, peaks, features
             The frame and what the pipeline computed from it.
-        beam_offset : (dx, dy), None or MISSING
+        beam_offset : (dx, dy), None, MISSING or callable
             :func:`edge.measure.measure_beam_offset` result if the caller
-            measured it (None = no shadow found); measured here when needed.
-        dead_regions : list, None or MISSING
-            :func:`edge.measure.find_dead_regions` result if measured.
+            measured it (None = no shadow found), or a callable returning it
+            (called only if needed); MISSING: measured here when needed.
+        dead_regions : list, None, MISSING or callable
+            :func:`edge.measure.find_dead_regions` result, likewise.
         """
         proposed = tuple(proposed)
         ev: dict = {}
@@ -153,19 +166,17 @@ class EvidenceGate:
         suspect = any(r["z"] >= _SUSPECT_Z and r["contrast"] >= _SUSPECT_CONTRAST for r in ice)
         if "ice_rings" in proposed or suspect:
             arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
-            mean, count = ring_profile(arr, geometry, stats, lo_valid=lo, hi_valid=hi)
+            mean, count = ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)
             ice = ice_ring_evidence(mean, count, geometry, bin_width=stats.bins.width)
             profile = "full"
         else:
             profile = "sampled"
         found = [r for r in ice if r["found"]]
-        strong = any(np.isclose(r["d_A"], STRONG_LINES_A, atol=1e-3).any() for r in found)
-        ice_ev = {"verdict": "rings" if found else ("none" if ice else "cannot_judge"), "profile": profile,
-                  "found_d_A": [r["d_A"] for r in found],
+        confirms, raises = ice_verdict(ice)
+        ice_ev = {"verdict": "rings" if (confirms or raises) else ("none" if ice else "cannot_judge"),
+                  "profile": profile, "found_d_A": [r["d_A"] for r in found],
                   "rings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in ice]}
-        if found and "ice_rings" in proposed:
-            flags.append("ice_rings")
-        elif len(found) >= 2 and strong:
+        if (confirms and "ice_rings" in proposed) or raises:
             flags.append("ice_rings")
         if "ice_rings" in proposed or "ice_rings" in flags:
             ev["ice_rings"] = ice_ev
@@ -173,9 +184,7 @@ class EvidenceGate:
         if "no_beam" in proposed or "blank" in proposed:
             if beam["background_counts_per_px"] < _SPARSE_LEVEL and beam["verdict"] != "diffraction":
                 arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
-                step = _SPARSE_ROW_STEP
-                prof = winsorised_profile(arr[::step].ravel(), stats.bins.index[::step].ravel(), stats,
-                                          lo_valid=lo, hi_valid=hi)
+                prof = sampled_profile(arr, stats, row_step=_SPARSE_ROW_STEP, lo_valid=lo, hi_valid=hi)
                 beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof)
             for c in ("blank", "no_beam"):
                 if c in proposed or beam["verdict"] == c:
@@ -192,19 +201,33 @@ class EvidenceGate:
                 from ..measure import measure_beam_offset
 
                 beam_offset = measure_beam_offset(frame, geometry)
+            elif callable(beam_offset):
+                beam_offset = beam_offset()
             off = offset_evidence(beam_offset, stats)
             ev["beam_off_center"] = off
             if off["verdict"] == "off_centre":
                 flags.append("beam_off_center")
-        if "detector_fault" in proposed:
+        # detector fault: a proposal needs a dead region or an indicator past
+        # its limit; a dead region away from the beamstop raises it alone
+        p_fault = float(probabilities.get("detector_fault", 0.0))
+        suspect = (p_fault >= _FAULT_SUSPECT_P
+                   or float(features[_TILE_ZERO_EXCESS]) >= _FAULT_SUSPECT_ZERO_EXCESS)
+        if "detector_fault" in proposed or suspect:
             if dead_regions is MISSING:
                 from ..measure import find_dead_regions
 
                 dead_regions = find_dead_regions(frame, geometry, stats=stats)
+            elif callable(dead_regions):
+                dead_regions = dead_regions()
             fault = fault_evidence(features, dead_regions)
-            ev["detector_fault"] = fault
-            if fault["verdict"] == "fault":
+            bx, by = geometry.beam_center
+            away = [b for b in fault["dead_regions"]
+                    if np.hypot(0.5 * (b[2] + b[3]) - bx, 0.5 * (b[0] + b[1]) - by) > _FAULT_RAISE_MIN_R_PX]
+            if ("detector_fault" in proposed and fault["verdict"] == "fault") or away:
                 flags.append("detector_fault")
+                ev["detector_fault"] = fault
+            elif "detector_fault" in proposed:
+                ev["detector_fault"] = fault
         if level_on is not None:
             self._levels.append(level_on)
         order = {c: k for k, c in enumerate(probabilities)}

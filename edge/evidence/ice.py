@@ -9,8 +9,9 @@ summed background counts (inflated by the flank fit's own uncertainty).
 
 Two profiles serve: the sigma-clipped ring means the pipeline already has
 (:func:`edge.radial_stats`, every 4th row), and, when a ring is suspected, a
-full-resolution profile of the ring bands only (pixels winsorised at the
-ring's mean + 5 sd, so Bragg spots cannot fake a ring). At low background
+full-resolution profile of the ring bands only (each pixel capped at a
+Poisson-improbable level and the pixels of found peaks left out, so Bragg
+spots cannot fake a ring). At low background
 (0.1-1 counts/pixel) the clipped means lose most of a faint ring, the full
 profile does not.
 """
@@ -18,12 +19,13 @@ profile does not.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from ..background import RadialStats
 from ..geometry import Geometry
 from ..sim import ICE_D_SPACINGS
 
-__all__ = ["ICE_LINES_A", "RING_Z_MIN", "RING_CONTRAST_MIN", "ring_profile", "winsorised_profile",
+__all__ = ["ICE_LINES_A", "ice_verdict", "RING_Z_MIN", "RING_CONTRAST_MIN", "poisson_cap", "ring_profile", "sampled_profile",
            "ice_ring_evidence"]
 
 #: Ice Ih lines examined (A): the six strongest that stand apart; 1.95-1.88 A
@@ -32,9 +34,18 @@ ICE_LINES_A = np.asarray(ICE_D_SPACINGS[:6], dtype=np.float64)
 #: The three strongest lines: evidence alone needs one of them.
 STRONG_LINES_A = ICE_LINES_A[:3]
 #: A ring is found when its Poisson z reaches this ...
-RING_Z_MIN = 8.0
+RING_Z_MIN = 5.0
 #: ... and its contrast (ring / background over the 3 best 1-px rings) this.
-RING_CONTRAST_MIN = 1.10
+#: (On the real frames without ice, z stays within +-2.5 and the contrast
+#: of rings with z > 2 below 1.02.)
+RING_CONTRAST_MIN = 1.05
+#: Evidence alone raises ``ice_rings`` when the strongest line (3.90 A) has
+#: z >= RAISE_Z and contrast >= RAISE_CONTRAST ...
+RAISE_Z, RAISE_CONTRAST = 6.0, 1.10
+#: ... and another of the three strongest lines agrees (z and contrast at least these).
+SUPPORT_Z, SUPPORT_CONTRAST = 3.0, 1.03
+#: Largest disc radius (px) left out around a peak.
+_PEAK_DISC_MAX = 8.0
 #: Gap (px) between the ring window and its flanks.
 _GAP_PX = 2.0
 
@@ -45,29 +56,81 @@ def _windows(r: float) -> tuple[float, float]:
     return max(3.0, 0.008 * r), max(8.0, 0.02 * r)
 
 
+def _band_reach(geometry: Geometry) -> list[tuple[float, float]]:
+    """Radius ranges (px) of the ice bands: each line's window and flanks."""
+    out = []
+    for r in np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64):
+        if np.isfinite(r):
+            w, f = _windows(r)
+            out.append((r - w - _GAP_PX - f - 1.0, r + w + _GAP_PX + f + 1.0))
+    return out
+
+
 def _band_table(geometry: Geometry, stats: RadialStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat pixel indices and ring numbers of the ice bands (cached per geometry)."""
     key = ("ice_evidence_bands", stats.bins.nbins, stats.bins.width, geometry.beam_center)
     tab = geometry._cache.get(key)
     if tab is None:
         width = stats.bins.width
-        radii = np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64) / width
         keep = np.zeros(stats.bins.nbins + 1, dtype=bool)
-        for r in radii[np.isfinite(radii)]:
-            w, f = _windows(r * width)
-            reach = (w + _GAP_PX + f) / width + 1
-            lo, hi = int(max(r - reach, 0)), int(min(r + reach + 1, stats.bins.nbins))
-            keep[lo:hi] = True
+        for lo, hi in _band_reach(geometry):
+            keep[int(max(lo / width, 0)):int(min(hi / width + 1, stats.bins.nbins))] = True
         idx = stats.bins.index.ravel()
         flat = np.flatnonzero(keep[np.minimum(idx, stats.bins.nbins)])
-        ring = idx[flat].astype(np.int64)
+        ring = idx[flat].astype(np.int32)
         n_pix = np.bincount(ring, minlength=stats.bins.nbins).astype(np.float64)
         tab = (flat, ring, n_pix)
         geometry._cache[key] = tab
     return tab
 
 
-def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *,
+@njit(cache=True, nogil=True)
+def _capped_sums_flat(frame_flat, flat, ring, cap, lo_valid, hi_valid, nbins):
+    """Per-ring sums of ``min(value, cap[ring])`` and valid-pixel counts over listed pixels."""
+    s = np.zeros(nbins, dtype=np.float64)
+    c = np.zeros(nbins, dtype=np.float64)
+    for k in range(flat.shape[0]):
+        v = np.float64(frame_flat[flat[k]])
+        b = ring[k]
+        if b >= nbins or not (v >= lo_valid and v <= hi_valid):
+            continue
+        s[b] += min(v, cap[b])
+        c[b] += 1.0
+    return s, c
+
+
+@njit(cache=True, nogil=True)
+def _capped_sums_rows(frame, index, row_step, cap, lo_valid, hi_valid, nbins):
+    """Per-ring sums of ``min(value, cap[ring])`` and valid-pixel counts over every ``row_step``-th row."""
+    s = np.zeros(nbins, dtype=np.float64)
+    c = np.zeros(nbins, dtype=np.float64)
+    for i in range(0, frame.shape[0], row_step):
+        for j in range(frame.shape[1]):
+            b = index[i, j]
+            v = np.float64(frame[i, j])
+            if b >= nbins or not (v >= lo_valid and v <= hi_valid):
+                continue
+            s[b] += min(v, cap[b])
+            c[b] += 1.0
+    return s, c
+
+
+def poisson_cap(stats: RadialStats) -> np.ndarray:
+    """Per-ring cap (counts) on a pixel: ``floor(mu + 4 sqrt(mu) + 1.5)`` with
+    ``mu`` the clipped ring mean (or ``mu + 4 sd`` when the ring varies more
+    than Poisson). Above it a pixel is a spot or a hot pixel (Poisson chance
+    < 1e-4), so spots cannot lift a ring; unlike sigma clipping, the upper
+    tail of low counts (ones and twos on a mostly-zero ring) is kept."""
+    mu = np.maximum(np.nan_to_num(np.asarray(stats.mean, np.float64), nan=0.0), 0.0)
+    sd = np.maximum(np.nan_to_num(np.asarray(stats.sigma, np.float64), nan=0.0), np.sqrt(mu))
+    return np.floor(mu + 4.0 * sd + 1.5)
+
+
+def _means(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.where(c > 0, s / np.maximum(c, 1.0), 0.0), c
+
+
+def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, peaks=None,
                  lo_valid: float = 0.0, hi_valid: float = 1.0e300) -> tuple[np.ndarray, np.ndarray]:
     """Full-resolution ring-mean profile over the ice bands only.
 
@@ -77,40 +140,68 @@ def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *,
         The frame in a kernel dtype (:func:`edge.background.prepare_frame`).
     geometry, stats
         The frame's geometry and radial statistics (ring map, clip levels).
+    peaks : Peaks, optional
+        Pixels around these peaks' centroids (a disc of their size + 2 px)
+        are left out: on a mostly-zero frame a few Bragg spots on an ice
+        d-spacing would otherwise make a ring.
     lo_valid, hi_valid : float
         Valid value range (outside = masked).
 
     Returns
     -------
     mean, count : ndarray of float64, shape (nbins,)
-        Mean counts per pixel (winsorised at the ring's mean + 5 sd + 2) and
+        Mean counts per pixel (each pixel capped, :func:`poisson_cap`) and
         valid pixels per ring; 0 outside the ice bands.
     """
     flat, ring, _ = _band_table(geometry, stats)
-    return winsorised_profile(frame.ravel()[flat], ring, stats, lo_valid=lo_valid, hi_valid=hi_valid)
+    cap = poisson_cap(stats)
+    nb = int(stats.bins.nbins)
+    fr = np.ascontiguousarray(frame).reshape(-1)
+    s, c = _capped_sums_flat(fr, flat, ring, cap, float(lo_valid), float(hi_valid), nb)
+    if peaks is not None and len(peaks):
+        ex = _peak_pixels(peaks, geometry, _band_reach(geometry))
+        if len(ex):
+            rex = stats.bins.index.reshape(-1)[ex].astype(np.int32)
+            s2, c2 = _capped_sums_flat(fr, ex, rex, cap, float(lo_valid), float(hi_valid), nb)
+            inband = np.zeros(nb, dtype=bool)
+            inband[ring] = True  # only rings the band sums cover
+            s -= np.where(inband, s2, 0.0)
+            c -= np.where(inband, c2, 0.0)
+    return _means(s, c)
 
 
-def winsorised_profile(values: np.ndarray, rings: np.ndarray, stats: RadialStats, *,
-                       lo_valid: float = 0.0, hi_valid: float = 1.0e300) -> tuple[np.ndarray, np.ndarray]:
-    """Ring means of ``values`` (pixels of ring ``rings``), each pixel capped at
-    its ring's clipped mean + 5 sd + 2 counts (spots and hot pixels cannot
-    lift a ring; unlike clipping, the upper tail of low counts is kept).
+def _peak_pixels(peaks, geometry: Geometry, reach: np.ndarray) -> np.ndarray:
+    """Flat indices of the discs (radius sqrt(npix / pi) + 2 px, at most
+    :data:`_PEAK_DISC_MAX` px) around the peaks within the ice bands, without repeats."""
+    ny, nx = geometry.shape
+    bx, by = geometry.beam_center
+    x, y = np.asarray(peaks.x, np.float64), np.asarray(peaks.y, np.float64)
+    r = np.hypot(x - bx, y - by)
+    near = np.zeros(len(x), dtype=bool)
+    for lo, hi in reach:
+        near |= (r >= lo) & (r <= hi)
+    if not near.any():
+        return np.zeros(0, np.int64)
+    x, y = x[near], y[near]
+    rad = np.minimum(np.sqrt(np.asarray(peaks.npix, np.float64)[near] / np.pi) + 2.0, _PEAK_DISC_MAX)
+    h = int(np.ceil(rad.max()))
+    oy, ox = np.mgrid[-h:h + 1, -h:h + 1]
+    py = np.rint(y)[:, None] + oy.ravel()[None, :]
+    px = np.rint(x)[:, None] + ox.ravel()[None, :]
+    keep = ((px - x[:, None]) ** 2 + (py - y[:, None]) ** 2 <= (rad ** 2)[:, None])
+    keep &= (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+    return np.unique((py[keep] * nx + px[keep]).astype(np.int64))
 
-    Returns
-    -------
-    mean, count : ndarray of float64, shape (nbins,)
-        Mean counts per pixel (0 where no pixel) and valid pixels per ring.
-    """
-    nb = stats.bins.nbins
-    v = values.astype(np.float64)
-    ok = (rings < nb) & (v >= lo_valid) & (v <= hi_valid)
-    mu = np.nan_to_num(np.asarray(stats.mean, np.float64), nan=0.0)
-    sd = np.maximum(np.nan_to_num(np.asarray(stats.sigma, np.float64), nan=0.0), np.sqrt(np.maximum(mu, 0.0)))
-    cap = mu + 5.0 * sd + 2.0
-    rk = rings[ok].astype(np.intp)
-    s = np.bincount(rk, np.minimum(v[ok], cap[rk]), minlength=nb)
-    c = np.bincount(rk, minlength=nb).astype(np.float64)
-    return np.where(c > 0, s / np.maximum(c, 1.0), 0.0), c
+
+def sampled_profile(frame: np.ndarray, stats: RadialStats, *, row_step: int = 4, lo_valid: float = 0.0,
+                    hi_valid: float = 1.0e300) -> tuple[np.ndarray, np.ndarray]:
+    """Ring means over every ``row_step``-th row with each pixel capped
+    (:func:`poisson_cap`) instead of clipped: on mostly-zero frames the
+    clipped means read 0, these do not."""
+    cap = poisson_cap(stats)
+    s, c = _capped_sums_rows(frame, stats.bins.index, int(row_step), cap, float(lo_valid), float(hi_valid),
+                             int(stats.bins.nbins))
+    return _means(s, c)
 
 
 def ice_ring_evidence(mean: np.ndarray, count: np.ndarray, geometry: Geometry, *,
@@ -176,3 +267,22 @@ def ice_ring_evidence(mean: np.ndarray, count: np.ndarray, geometry: Geometry, *
             "found": bool(z >= RING_Z_MIN and contrast >= RING_CONTRAST_MIN),
         })
     return out
+
+
+def ice_verdict(rings: list[dict]) -> tuple[bool, bool]:
+    """``(confirms, raises)`` for the per-line evidence of :func:`ice_ring_evidence`.
+
+    ``confirms``: at least one line found (a model proposal is confirmed).
+    ``raises``: the 3.90 A line at z >= :data:`RAISE_Z` with contrast >=
+    :data:`RAISE_CONTRAST` and another of the three strongest lines at z >=
+    :data:`SUPPORT_Z` with contrast >= :data:`SUPPORT_CONTRAST` (ice Ih's
+    two strongest lines together; one bump alone is not ice).
+    """
+    confirms = any(r["found"] for r in rings)
+    by_d = {round(r["d_A"], 3): r for r in rings}
+    first = by_d.get(round(float(STRONG_LINES_A[0]), 3))
+    raises = bool(first and first["z"] >= RAISE_Z and first["contrast"] >= RAISE_CONTRAST and any(
+        r["z"] >= SUPPORT_Z and r["contrast"] >= SUPPORT_CONTRAST
+        for d, r in by_d.items() if d != round(float(STRONG_LINES_A[0]), 3)
+        and np.isclose(d, STRONG_LINES_A, atol=1e-3).any()))
+    return confirms, raises

@@ -1,0 +1,233 @@
+"""Real detector frames with the labels a crystallographer gives them, and
+synthetic anomalies added to real frames.
+
+Every frame in ``../shared/real_frames`` runs through the real int8 model and
+the evidence gate (:mod:`edge.evidence`), the way ``edge run`` does. None of
+these frames is in the model's training data (it is trained on simulation
+only), and none of the evidence thresholds was fitted to them.
+
+Synthetic-on-real cases keep the real frame (its noise, gaps, spots and
+background) and add one known anomaly: Poisson ice-ring counts at the ice Ih
+d-spacings of the frame's geometry, a zeroed module, or a frame thinned
+(binomially, like a shorter exposure) to a low-background or near-dark regime.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge import Geometry, find_peaks, radial_stats
+from edge.anomaly import AnomalyModel
+from edge.evidence import EvidenceGate
+from edge.evidence.beam import offset_evidence
+from edge.evidence.ice import ice_ring_evidence, sampled_profile
+from edge.sim import ICE_D_SPACINGS, ICE_REL_INTENSITY
+
+from conftest import REAL_FRAMES
+
+EIGER = "eiger16m_therm_0001.cbf.gz"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AnomalyModel.load()
+
+
+@pytest.fixture(scope="module")
+def frames(real_frames):
+    """The four PILATUS frames and the EIGER 16M frame: name -> (frame, Geometry)."""
+    import fabio
+
+    out = dict(real_frames)
+    img = fabio.open(str(REAL_FRAMES / EIGER))
+    data = np.asarray(img.data)
+    out["eiger16m"] = (data, Geometry.from_cbf_header(img.header["_array_data.header_contents"], data.shape))
+    return out
+
+
+def _classify(model, frame, geom):
+    stats = radial_stats(frame, geometry=geom)
+    peaks = find_peaks(frame, geometry=geom, stats=stats)
+    return model.classify(frame, geom, stats=stats, peaks=peaks)
+
+
+@pytest.fixture(scope="module")
+def results(frames, model):
+    return {k: _classify(model, *frames[k]) for k in frames}
+
+
+# ---------------------------------------------------------------------------
+# The real frames as they are
+# ---------------------------------------------------------------------------
+#: What a crystallographer calls each frame.
+EXPECTED = {"strong1": (), "strong2": (), "weak": (), "blank": ("blank",), "eiger16m": ()}
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_real_frame_flags(results, key):
+    r = results[key]
+    assert r.flags == EXPECTED[key], (r.probabilities, r.assessment.summary())
+    json.dumps(r.assessment.to_dict())  # the record's evidence is plain JSON
+
+
+def test_sparse_eiger_frame_is_diffraction_not_no_beam(results):
+    """99.8 % zeros, 0.003 counts/px, yet Bragg spots: the beam is on. The model
+    still proposes no_beam (it never saw this regime); the evidence refuses it."""
+    a = results["eiger16m"].assessment
+    assert "no_beam" in a.unconfirmed
+    ev = a.evidence["no_beam"]
+    assert ev["verdict"] == "diffraction"
+    assert ev["clear_peaks"] >= 10
+
+
+def test_real_blank_evidence(results):
+    ev = results["blank"].assessment.evidence["blank"]
+    assert ev["verdict"] == "blank"
+    assert ev["clear_peaks"] < 10
+    assert ev["background_counts_per_px"] > 0.5  # solvent and air scatter: the beam is on
+    assert ev["scatter_ratio"] > 2 and ev["scatter_z"] > 50
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_no_ice_ring_on_real_frames(frames, key):
+    """On every real frame (none holds ice), no ice line stands out of its
+    background, even with the full-resolution profile."""
+    from edge.evidence.ice import ring_profile
+
+    frame, geom = frames[key]
+    stats = radial_stats(frame, geometry=geom)
+    peaks = find_peaks(frame, geometry=geom, stats=stats)
+    mean, count = ring_profile(frame, geom, stats, peaks=peaks)
+    rings = ice_ring_evidence(mean, count, geom)
+    assert len(rings) == 6
+    assert not any(r["found"] for r in rings), rings
+    assert max(abs(r["z"]) for r in rings) < 4.0, rings
+
+
+def test_beam_offset_cannot_be_judged_on_a_sparse_frame(frames):
+    """Too few counts near the beam to see a beamstop shadow: whatever was
+    measured, the answer is "cannot judge", never a flag."""
+    frame, geom = frames["eiger16m"]
+    stats = radial_stats(frame, geometry=geom)
+    for measured in (None, (45.0, -3.0)):
+        ev = offset_evidence(measured, stats)
+        assert ev["verdict"] == "cannot_judge", ev
+
+
+def test_real_blank_offset_is_measured_centred(frames):
+    from edge.measure import measure_beam_offset
+
+    frame, geom = frames["blank"]
+    ev = offset_evidence(measure_beam_offset(frame, geom), radial_stats(frame, geometry=geom))
+    assert ev["verdict"] == "centred", ev
+    assert ev["offset_abs_px"] < 20
+
+
+# ---------------------------------------------------------------------------
+# Synthetic anomalies on real frames
+# ---------------------------------------------------------------------------
+def _thin(frame, fraction, seed):
+    """Keep each count with probability ``fraction`` (a shorter exposure)."""
+    rng = np.random.default_rng(seed)
+    return np.where(frame >= 0, rng.binomial(np.maximum(frame, 0), fraction), frame).astype(frame.dtype)
+
+
+def _add_ice(frame, geom, peak_ratio, seed, width_px=1.5):
+    """Add Poisson ice Ih ring counts: the strongest line peaks at
+    ``peak_ratio`` x the frame's own azimuthal background there, the other
+    lines at their powder intensities relative to it."""
+    rng = np.random.default_rng(seed)
+    stats = radial_stats(frame, geometry=geom)
+    mean, count = sampled_profile(frame, stats, row_step=1)
+    ok = count > 0
+    r = geom.radius.astype(np.float32)
+    bg = np.interp(r, stats.radius[ok], mean[ok]).astype(np.float32)
+    shape = np.zeros_like(r)
+    for d, rel in zip(ICE_D_SPACINGS, ICE_REL_INTENSITY):
+        shape += np.float32(rel) * np.exp(-0.5 * ((r - np.float32(geom.radius_for_d(d))) / np.float32(width_px)) ** 2)
+    out = frame.copy()
+    valid = frame >= 0
+    out[valid] += rng.poisson((peak_ratio - 1.0) * bg[valid] * shape[valid]).astype(frame.dtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def low_blank(frames):
+    """The real blank thinned to a low background (~0.2 counts/px, ~0.4 at the 3.9 A line)."""
+    frame, geom = frames["blank"]
+    return _thin(frame, 0.12, seed=1), geom
+
+
+def test_low_background_blank_without_ice_is_blank_only(model, low_blank):
+    r = _classify(model, *low_blank)
+    assert r.flags == ("blank",), (r.probabilities, r.assessment.summary())
+
+
+@pytest.mark.parametrize("ratio", [1.25, 1.5])
+def test_faint_ice_on_low_background_real_blank(model, low_blank, ratio):
+    """Faint ice (1.25-1.5x a low background): the model misses it, the ring
+    evidence raises ``ice_rings`` and names the lines."""
+    frame, geom = low_blank
+    r = _classify(model, _add_ice(frame, geom, ratio, seed=2), geom)
+    assert "ice_rings" in r.flags, (r.probabilities, r.assessment.summary())
+    assert set(r.flags) <= {"ice_rings", "blank"}
+    ev = r.assessment.evidence["ice_rings"]
+    assert 3.897 in ev["found_d_A"]
+    first = next(x for x in ev["rings"] if x["d_A"] == 3.897)
+    assert first["z"] >= 6 and 1.1 <= first["contrast"] <= ratio + 0.1
+
+
+def test_ice_on_real_blank(model, frames):
+    frame, geom = frames["blank"]
+    r = _classify(model, _add_ice(frame, geom, 1.3, seed=3), geom)
+    assert set(r.flags) == {"ice_rings", "blank"}, (r.probabilities, r.assessment.summary())
+    assert {3.897, 3.669, 3.441} <= set(r.assessment.evidence["ice_rings"]["found_d_A"])
+
+
+def test_ice_on_real_weak_hit(model, frames):
+    frame, geom = frames["weak"]
+    r = _classify(model, _add_ice(frame, geom, 1.4, seed=4), geom)
+    assert r.flags == ("ice_rings",), (r.probabilities, r.assessment.summary())
+
+
+@pytest.mark.parametrize("key", ["strong1", "blank"])
+def test_zeroed_module_on_real_frame_is_detector_fault(model, frames, key):
+    """A PILATUS module (195 x 487 px) reading zero: dead region reported where it is."""
+    frame, geom = frames[key]
+    broken = frame.copy()
+    rows, cols = slice(212, 407), slice(494, 981)  # module (1, 1) of the 6M
+    broken[rows, cols] = np.where(broken[rows, cols] >= 0, 0, broken[rows, cols])
+    r = _classify(model, broken, geom)
+    assert "detector_fault" in r.flags, (r.probabilities, r.assessment.summary())
+    assert "no_beam" not in r.flags
+    regions = r.assessment.evidence["detector_fault"]["dead_regions"]
+    assert regions
+    r0, r1, c0, c1 = regions[0]
+    assert r0 < 407 and r1 > 212 and c0 < 981 and c1 > 494  # overlaps the zeroed module
+
+
+def test_sparse_frame_thinned_to_dark_is_no_beam(model, frames):
+    """The EIGER frame thinned 100x (0.00003 counts/px, no spot left): beam off."""
+    frame, geom = frames["eiger16m"]
+    r = _classify(model, _thin(frame, 0.01, seed=5), geom)
+    assert r.flags == ("no_beam",), (r.probabilities, r.assessment.summary())
+
+
+def test_beam_loss_against_recent_frames(frames):
+    """A flat frame without peaks above the absolute dark level (a detector
+    with dark counts): blank on its own, a beam loss against recent frames
+    20x brighter."""
+    from edge.evidence.beam import DARK_MAX_COUNTS, beam_state
+    from edge.spotfinding import Peaks
+
+    _, geom = frames["blank"]
+    flat = np.random.default_rng(7).poisson(2.5 * DARK_MAX_COUNTS, geom.shape).astype(np.int32)
+    stats = radial_stats(flat, geometry=geom)
+    mean, count = sampled_profile(flat, stats)
+    alone = beam_state(stats, Peaks.empty(), profile=(mean, count))
+    assert alone["verdict"] == "blank", alone
+    after = beam_state(stats, Peaks.empty(), profile=(mean, count), recent_level=20 * alone["background_counts_per_px"])
+    assert after["verdict"] == "no_beam", after
