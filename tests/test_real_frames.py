@@ -231,3 +231,44 @@ def test_beam_loss_against_recent_frames(frames):
     assert alone["verdict"] == "blank", alone
     after = beam_state(stats, Peaks.empty(), profile=(mean, count), recent_level=20 * alone["background_counts_per_px"])
     assert after["verdict"] == "no_beam", after
+
+
+# ---------------------------------------------------------------------------
+# Dry runs over the real series: commands only where an anomaly is real
+# ---------------------------------------------------------------------------
+def _dry_run(source, model):
+    from edge.pipeline import Pipeline
+    from edge.policy import Policy
+
+    pipe = Pipeline(source, model=model, policy=Policy.from_toml(dry_run=True))
+    summary = pipe.run()
+    return summary, list(pipe.records), list(pipe.command_records)
+
+
+def test_dry_run_over_sparse_eiger_frames_sends_nothing(model):
+    """Before the evidence gate, three such frames in a row sent the no-beam
+    alarm (no_beam 0.996, debounce 2 of 3)."""
+    from edge.sources.cbf import CbfSource
+
+    summary, recs, cmds = _dry_run(CbfSource([REAL_FRAMES / EIGER] * 3), model)
+    assert summary.frames_processed == 3
+    assert cmds == [] and all(not a for r in recs for a in r["actions"])
+    for r in recs:
+        assert r["flags"] == [] and r["proposed"] == ["no_beam"]
+        assert r["probabilities"]["no_beam"] > 0.5  # the model's word stays on record
+        assert r["evidence"]["no_beam"]["verdict"] == "diffraction"
+        assert "not no_beam (diffraction" in r["evidence_summary"]
+
+
+def test_dry_run_over_real_grid_scan_frames(model):
+    """Strong, strong, weak, blank: the blank frame is flagged with its
+    evidence; one blank frame is not enough for a command (debounce)."""
+    from edge.sources.cbf import CbfSource
+
+    files = sorted(REAL_FRAMES.glob("thau_3_2_*.cbf.bz2"))
+    summary, recs, cmds = _dry_run(CbfSource(files), model)
+    assert [r["flags"] for r in recs] == [[], [], [], ["blank"]]
+    assert cmds == []
+    assert recs[3]["evidence"]["blank"]["verdict"] == "blank"
+    assert recs[3]["evidence_summary"].startswith("blank: blank: ")
+    json.dumps(recs[3])

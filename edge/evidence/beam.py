@@ -6,7 +6,7 @@ solvent and beamstop shadow make the ring means vary with radius; the dark
 counts of a photon counter, hot pixels aside, do not). A frame is judged
 
 * ``diffraction`` with at least :data:`MIN_DIFFRACTION_PEAKS` clear peaks
-  (SNR >= 5) -- whatever the count level: fine-sliced photon-counting frames
+  (SNR >= 5, off the ice d-spacings) -- whatever the count level: fine-sliced photon-counting frames
   hold 0.001-0.01 counts/pixel and still tens to thousands of spots;
 * ``no_beam`` with fewer peaks, no significant scatter structure and a
   background at or below the dark level :data:`DARK_MAX_COUNTS` (or 10x
@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..background import RadialStats
+from ..sim import ICE_D_SPACINGS
 
 __all__ = ["MIN_DIFFRACTION_PEAKS", "DARK_MAX_COUNTS", "OFFSET_MIN_PX", "beam_state", "offset_evidence",
            "background_level"]
@@ -37,6 +38,9 @@ __all__ = ["MIN_DIFFRACTION_PEAKS", "DARK_MAX_COUNTS", "OFFSET_MIN_PX", "beam_st
 MIN_DIFFRACTION_PEAKS = 10
 #: SNR of a clear peak.
 CLEAR_SNR = 5.0
+#: Clear peaks within this relative d-spacing of an ice line do not count:
+#: the noise on a sharp ice ring makes "peaks" on a blank frame.
+ICE_PEAK_REL = 0.025
 #: Highest background (counts/pixel, clipped ring means) a dark frame reaches
 #: (photon counters: ~0; the simulator's dark trickle is 0.01).
 DARK_MAX_COUNTS = 0.02
@@ -109,13 +113,21 @@ def beam_state(stats: RadialStats, peaks, *, recent_level: float | None = None,
     dict
         ``verdict`` (``diffraction``, ``blank``, ``no_beam``,
         ``cannot_judge``), ``background_counts_per_px``,
-        ``dark_max_counts_per_px``, ``clear_peaks``, ``peaks``,
+        ``dark_max_counts_per_px``, ``clear_peaks`` (off the ice rings),
+        ``clear_peaks_on_ice_rings``, ``peaks``,
         ``scatter_ratio``, ``scatter_z``, ``recent_background_counts_per_px``.
     """
     mean, count = (stats.mean, stats.count) if profile is None else profile
     level = background_level(mean, count)
     ratio, z, n_hi = _structure(mean, count)
-    n_clear = int(np.count_nonzero(np.asarray(peaks.snr) >= CLEAR_SNR)) if peaks is not None else 0
+    n_clear = n_on_ice = 0
+    if peaks is not None and len(peaks):
+        clear = np.asarray(peaks.snr) >= CLEAR_SNR
+        d = np.asarray(peaks.d, np.float64)[:, None]
+        with np.errstate(invalid="ignore"):
+            on_ice = (np.abs(d / ICE_D_SPACINGS[None, :] - 1.0) <= ICE_PEAK_REL).any(axis=1)
+        n_clear = int(np.count_nonzero(clear & ~on_ice))
+        n_on_ice = int(np.count_nonzero(clear & on_ice))
     structured = ratio >= STRUCTURE_RATIO and z >= STRUCTURE_Z and n_hi >= MIN_STRUCTURE_COUNTS
     dropped = recent_level is not None and recent_level > 0 and level * DROP_FACTOR <= recent_level
     if n_clear >= MIN_DIFFRACTION_PEAKS:
@@ -128,7 +140,7 @@ def beam_state(stats: RadialStats, peaks, *, recent_level: float | None = None,
         verdict = "cannot_judge"
     return {"verdict": verdict, "background_counts_per_px": level,
             "profile": "clipped" if profile is None else "capped", "dark_max_counts_per_px": DARK_MAX_COUNTS,
-            "clear_peaks": n_clear, "peaks": int(len(peaks)) if peaks is not None else 0,
+            "clear_peaks": n_clear, "clear_peaks_on_ice_rings": n_on_ice, "peaks": int(len(peaks)) if peaks is not None else 0,
             "scatter_ratio": ratio, "scatter_z": z,
             "recent_background_counts_per_px": recent_level}
 
