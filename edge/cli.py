@@ -162,12 +162,13 @@ class _Status:
         for f in rec["flags"]:
             self.flags[f] = self.flags.get(f, 0) + 1
         self.cmds += sum(1 for a in rec["actions"] if a["action"] == "command")
-        # why a flag was raised (or a proposal not confirmed), once per change of flags
+        # why a flag was raised (or a proposal refused), once per change
         why = rec.get("evidence_summary")
-        if why and not self.quiet and tuple(rec["flags"]) != self.last_flags:
+        state = (tuple(rec["flags"]), tuple(rec.get("proposed", ())))
+        if why and not self.quiet and state != self.last_flags:
             lead = "\n" if self.tty else ""  # off the status line being redrawn
             self.stream.write(f"{lead}frame {rec['frame']}: {why}\n")
-        self.last_flags = tuple(rec["flags"])
+        self.last_flags = state
         now = time.perf_counter()
         if self.quiet or now - self.t_last < self.interval:
             return

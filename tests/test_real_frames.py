@@ -258,6 +258,18 @@ def test_dry_run_over_sparse_eiger_frames_sends_nothing(model):
         assert r["probabilities"]["no_beam"] > 0.5  # the model's word stays on record
         assert r["evidence"]["no_beam"]["verdict"] == "diffraction"
         assert "not no_beam (diffraction" in r["evidence_summary"]
+    # edge run's status shows the reason once, in a readable line
+    import io
+
+    from edge.cli import _Status
+
+    out = io.StringIO()
+    status = _Status(out, quiet=False)
+    for r in recs:
+        status(r)
+    lines = [ln for ln in out.getvalue().splitlines() if "no_beam" in ln]
+    assert len(lines) == 1 and lines[0].startswith("frame 0: not no_beam (diffraction: ")
+    assert "clear peaks" in lines[0] and "counts/px" in lines[0]
 
 
 def test_dry_run_over_real_grid_scan_frames(model):
