@@ -167,9 +167,6 @@ class EvidenceGate:
         proposed = tuple(proposed)
         ev: dict = {}
         flags: list[str] = []
-        beam = beam_state(stats, peaks, recent_level=self.recent_level)
-        # the reference for a beam loss: clipped levels of beam-on frames
-        level_on = beam["background_counts_per_px"] if beam["verdict"] in ("diffraction", "blank") else None
         # ice: cheap check on the clipped profile every frame, the full ring
         # profile only when the model or that check suspects a ring
         ice = ice_ring_evidence(stats.mean, stats.count, geometry, bin_width=stats.bins.width)
@@ -185,9 +182,9 @@ class EvidenceGate:
         confirms, raises = ice_verdict(ice)
         # rings around a beam a few px off the believed centre are smeared in
         # the azimuthal profile; the features' shift-tolerant sector search
-        # still sees them (every real frame without ice: median sector <= 1.7)
+        # still sees them; it backs a proposal, it does not raise one
         sector = [float(np.expm1(features[k])) for k in _ICE_SECTOR]
-        shifted = min(sector) >= _ICE_SECTOR_SIG
+        shifted = min(sector) >= _ICE_SECTOR_SIG and "ice_rings" in proposed
         ice_ev = {"verdict": "rings" if (confirms or raises or shifted) else ("none" if ice else "cannot_judge"),
                   "profile": profile, "found_d_A": [r["d_A"] for r in found],
                   "sector_significance_2nd_median": [round(v, 2) for v in sector],
@@ -197,12 +194,16 @@ class EvidenceGate:
             flags.append("ice_rings")
         if "ice_rings" in proposed or "ice_rings" in flags:
             ev["ice_rings"] = ice_ev
+        ice_on = "ice_rings" in flags or "ice_rings" in proposed
+        beam = beam_state(stats, peaks, recent_level=self.recent_level, ice=ice_on)
+        # the reference for a beam loss: clipped levels of beam-on frames
+        level_on = beam["background_counts_per_px"] if beam["verdict"] in ("diffraction", "blank") else None
         # no beam / blank: the beam verdict decides between them
         if "no_beam" in proposed or "blank" in proposed:
             if beam["background_counts_per_px"] < _SPARSE_LEVEL and beam["verdict"] != "diffraction":
                 arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
                 prof = sampled_profile(arr, stats, row_step=_SPARSE_ROW_STEP, lo_valid=lo, hi_valid=hi)
-                beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof)
+                beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof, ice=ice_on)
             for c in ("blank", "no_beam"):
                 if c in proposed or beam["verdict"] == c:
                     ev[c] = beam
