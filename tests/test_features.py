@@ -397,3 +397,31 @@ def test_ice_evidence_on_a_synthetic_profile():
     excess = 0.5 * b * 1.2 * math.sqrt(2 * math.pi) * 1000.0  # summed over the window
     assert first["z"] == pytest.approx(excess / math.sqrt(b * 1000.0 * 9 * (1 + 9 / 24)), rel=0.15)
     assert not rings[3.669]["found"] and abs(rings[3.669]["z"]) < 1.0  # no excess there
+
+
+@settings(deadline=None, max_examples=40)
+@given(ny=st.integers(1, 15), nx=st.integers(1, 15), nbins=st.integers(1, 6), n_discs=st.integers(0, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_disc_sums_match_numpy(ny, nx, nbins, n_discs, seed):
+    """Capped sums over the union of discs (overlaps counted once), in-band rings only."""
+    from edge.background import INVALID_BIN
+    from edge.evidence.ice import _disc_sums
+
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(-2, 20, (ny, nx)).astype(np.int32)
+    index = rng.integers(0, nbins, (ny, nx)).astype(np.uint16)
+    index[rng.random((ny, nx)) < 0.15] = INVALID_BIN
+    cap = rng.integers(0, 15, nbins).astype(np.float64)
+    inband = rng.random(nbins) < 0.7
+    xs, ys = rng.uniform(-2, nx + 2, n_discs), rng.uniform(-2, ny + 2, n_discs)
+    rads = rng.uniform(0.0, 5.0, n_discs)
+    s, c = _disc_sums(frame, index, xs, ys, rads, cap, inband, 0.0, 1.0e300, nbins, np.zeros((ny, nx), bool))
+    yy, xx = np.mgrid[:ny, :nx]
+    union = np.zeros((ny, nx), bool)
+    for x, y, r in zip(xs, ys, rads):
+        union |= (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+    sel = union & (index < nbins)
+    sel[sel] = inband[index[sel]]
+    ws, wc = _capped_reference(frame[sel], index[sel], cap, 0.0, 1.0e300, nbins)
+    np.testing.assert_allclose(s, ws)
+    np.testing.assert_array_equal(c, wc)
