@@ -282,5 +282,5 @@ def test_dry_run_over_real_grid_scan_frames(model):
     assert [r["flags"] for r in recs] == [[], [], [], ["blank"]]
     assert cmds == []
     assert recs[3]["evidence"]["blank"]["verdict"] == "blank"
-    assert recs[3]["evidence_summary"].startswith("blank: blank: ")
+    assert recs[3]["evidence_summary"].startswith("blank: 2 clear peaks, background ")
     json.dumps(recs[3])

@@ -90,7 +90,8 @@ def _why(cls: str, ev: dict) -> str:
             return "no ring above background" if ev.get("rings") else "no ice line on the detector"
         return "rings at " + ", ".join(f"{r['d_A']:.2f} A (x{r['contrast']:.2f}, z {r['z']:.0f})" for r in found)
     if cls in ("blank", "no_beam"):
-        return (f"{ev.get('verdict')}: {ev.get('clear_peaks')} clear peaks, background "
+        verdict = "" if ev.get("verdict") == cls else f"{ev.get('verdict')}: "
+        return (f"{verdict}{ev.get('clear_peaks')} clear peaks, background "
                 f"{ev.get('background_counts_per_px', 0):.3g} counts/px, scatter x{ev.get('scatter_ratio', 1):.2f} "
                 f"(z {ev.get('scatter_z', 0):.0f})")
     if cls == "beam_off_center":
@@ -119,7 +120,7 @@ class EvidenceGate:
     * a proposed ``no_beam`` or ``blank`` becomes the beam verdict
       (:func:`.beam.beam_state`): ``no_beam``, ``blank`` or nothing (a frame
       with diffraction);
-    * ``beam_off_center`` needs a measured offset >= 20 px with enough
+    * ``beam_off_center`` needs a measured offset >= 25 px with enough
       counts near the beam (never on "cannot judge");
     * ``saturation`` needs saturated peaks or clustered saturated pixels;
     * ``detector_fault`` needs a dead region or a fault indicator beyond
@@ -200,7 +201,7 @@ class EvidenceGate:
         level_on = beam["background_counts_per_px"] if beam["verdict"] in ("diffraction", "blank") else None
         # no beam / blank: the beam verdict decides between them
         if "no_beam" in proposed or "blank" in proposed:
-            if beam["background_counts_per_px"] < _SPARSE_LEVEL and beam["verdict"] != "diffraction":
+            if beam["background_counts_per_px"] < _SPARSE_LEVEL:
                 arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
                 prof = sampled_profile(arr, stats, row_step=_SPARSE_ROW_STEP, lo_valid=lo, hi_valid=hi)
                 beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof, ice=ice_on)
