@@ -435,6 +435,12 @@ def main(argv=None) -> int:
         "tool_versions": _versions(),
         "training_seconds": round(time.time() - t0, 1),
     }
+    # measured outside training (the evidence gate, tests/test_real_frames.py);
+    # kept with the sha256 of the model they were measured on, so a stale entry shows
+    prev_path = args.out / "model_card.json"
+    if prev_path.is_file():
+        prev = json.loads(prev_path.read_text())
+        card.update({k: prev[k] for k in ("evidence_gate", "real_frames") if k in prev})
     (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps({"val_macro_f1": card["metrics_validation_keras"]["macro_f1"],
                       "val_f1": {k: v["f1"] for k, v in card["metrics_validation_keras"]["per_class"].items()},
