@@ -930,8 +930,11 @@ def warmup(dtypes=(np.int32, np.uint16, np.uint32, np.float32)) -> None:
     """Compile (or load from cache) the kernels for the common frame dtypes."""
     from .sim import simulate
 
+    from .evidence.ice import warmup as evidence_warmup  # imports this module: not at the top
+
     sf = simulate(layout="1m", seed=0, n_spots=20, beamstop_radius=10.0)
     base = sf.frame
     for dt in dtypes:
         f = np.clip(base, 0, None).astype(dt)
         frame_features(f, sf.geometry)
+        evidence_warmup(f, sf.geometry)

@@ -25,7 +25,7 @@ from ..background import RadialStats
 from ..geometry import Geometry
 from ..sim import ICE_D_SPACINGS
 
-__all__ = ["ICE_LINES_A", "ice_verdict", "RING_Z_MIN", "RING_CONTRAST_MIN", "poisson_cap", "ring_profile", "sampled_profile",
+__all__ = ["ICE_LINES_A", "ice_verdict", "warmup", "RING_Z_MIN", "RING_CONTRAST_MIN", "poisson_cap", "ring_profile", "sampled_profile",
            "ice_ring_evidence"]
 
 #: Ice Ih lines examined (A): the six strongest that stand apart; 1.95-1.88 A
@@ -308,3 +308,15 @@ def ice_verdict(rings: list[dict]) -> tuple[bool, bool]:
         for d, r in by_d.items() if d != round(float(STRONG_LINES_A[0]), 3)
         and np.isclose(d, STRONG_LINES_A, atol=1e-3).any()))
     return confirms, raises
+
+
+def warmup(frame: np.ndarray, geometry: Geometry) -> None:
+    """Compile (or load from cache) this module's kernels for ``frame``'s dtype."""
+    from ..background import prepare_frame, radial_stats
+    from ..spotfinding import find_peaks
+
+    arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
+    stats = radial_stats(arr, geometry=geometry)
+    peaks = find_peaks(arr, geometry=geometry, stats=stats)
+    ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)
+    sampled_profile(arr, stats, lo_valid=lo, hi_valid=hi)
