@@ -73,6 +73,19 @@ def test_real_frame_flags(results, key):
     json.dumps(r.assessment.to_dict())  # the record's evidence is plain JSON
 
 
+def test_model_card_real_frame_entries_are_current(results, model):
+    """The card's real-frame table was measured on the shipped model and says what the tests see."""
+    entry = model.card["real_frames"]
+    assert entry["model_sha256"] == model.card["files"]["tflite"]["sha256"]
+    names = {"strong1": "thau_3_2_0002.cbf.bz2", "strong2": "thau_3_2_0008.cbf.bz2", "weak": "thau_3_2_0014.cbf.bz2",
+             "blank": "thau_3_2_0019.cbf.bz2", "eiger16m": EIGER}
+    for key, name in names.items():
+        r, card = results[key], entry["frames"][name]
+        assert list(r.flags) == card["flags"] and list(r.assessment.proposed) == card["model_flags"], name
+        for c, p in card["top"].items():
+            assert r.probabilities[c] == pytest.approx(p, abs=0.002), (name, c)
+
+
 def test_sparse_eiger_frame_is_diffraction_not_no_beam(results):
     """99.8 % zeros, 0.003 counts/px, yet Bragg spots: the beam is on. The model
     still proposes no_beam (it never saw this regime); the evidence refuses it."""

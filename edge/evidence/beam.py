@@ -42,7 +42,7 @@ CLEAR_SNR = 5.0
 #: an ice line do not count: the noise on a sharp ring makes "peaks" on a
 #: blank frame. (Not applied without ice: the ten lines would take a third
 #: of the real EIGER frame's spots.)
-ICE_PEAK_REL = 0.02
+ICE_PEAK_REL = 0.03
 #: Highest background (counts/pixel, clipped ring means) a dark frame reaches
 #: (photon counters: ~0; the simulator's dark trickle is 0.01).
 DARK_MAX_COUNTS = 0.02

@@ -119,7 +119,9 @@ class EvidenceGate:
       even when the model did not propose it (:func:`.ice.ice_verdict`);
     * a proposed ``no_beam`` or ``blank`` becomes the beam verdict
       (:func:`.beam.beam_state`): ``no_beam``, ``blank`` or nothing (a frame
-      with diffraction);
+      with diffraction); on a frame whose beam is confirmed off centre the
+      peak count does not overrule a proposed ``blank`` (fake peaks of a
+      misplaced background model);
     * ``beam_off_center`` needs a measured offset >= 25 px with enough
       counts near the beam (never on "cannot judge");
     * ``saturation`` needs saturated peaks or clustered saturated pixels;
@@ -199,22 +201,6 @@ class EvidenceGate:
         beam = beam_state(stats, peaks, recent_level=self.recent_level, ice=ice_on)
         # the reference for a beam loss: clipped levels of beam-on frames
         level_on = beam["background_counts_per_px"] if beam["verdict"] in ("diffraction", "blank") else None
-        # no beam / blank: the beam verdict decides between them
-        if "no_beam" in proposed or "blank" in proposed:
-            if beam["background_counts_per_px"] < _SPARSE_LEVEL:
-                arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
-                prof = sampled_profile(arr, stats, row_step=_SPARSE_ROW_STEP, lo_valid=lo, hi_valid=hi)
-                beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof, ice=ice_on)
-            for c in ("blank", "no_beam"):
-                if c in proposed or beam["verdict"] == c:
-                    ev[c] = beam
-            if beam["verdict"] in ("blank", "no_beam"):
-                flags.append(beam["verdict"])
-        if "saturation" in proposed:
-            sat = saturation_evidence(peaks, features, geometry.saturation)
-            ev["saturation"] = sat
-            if sat["verdict"] == "saturated":
-                flags.append("saturation")
         if "beam_off_center" in proposed:
             if beam_offset is MISSING:
                 from ..measure import measure_beam_offset
@@ -226,6 +212,26 @@ class EvidenceGate:
             ev["beam_off_center"] = off
             if off["verdict"] == "off_centre":
                 flags.append("beam_off_center")
+        # no beam / blank: the beam verdict decides between them
+        if "no_beam" in proposed or "blank" in proposed:
+            if beam["background_counts_per_px"] < _SPARSE_LEVEL:
+                arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
+                prof = sampled_profile(arr, stats, row_step=_SPARSE_ROW_STEP, lo_valid=lo, hi_valid=hi)
+                beam = beam_state(stats, peaks, recent_level=self.recent_level, profile=prof, ice=ice_on)
+            if beam["verdict"] == "diffraction" and "beam_off_center" in flags and "blank" in proposed:
+                # around a misplaced centre the background model is wrong and
+                # its fake peaks pile up: the peak count proves nothing here
+                beam = {**beam, "verdict": "blank", "note": "peaks found around a misplaced beam centre not counted"}
+            for c in ("blank", "no_beam"):
+                if c in proposed or beam["verdict"] == c:
+                    ev[c] = beam
+            if beam["verdict"] in ("blank", "no_beam"):
+                flags.append(beam["verdict"])
+        if "saturation" in proposed:
+            sat = saturation_evidence(peaks, features, geometry.saturation)
+            ev["saturation"] = sat
+            if sat["verdict"] == "saturated":
+                flags.append("saturation")
         # detector fault: a proposal needs a dead region or an indicator past
         # its limit; a dead region away from the beamstop raises it alone
         p_fault = float(probabilities.get("detector_fault", 0.0))
