@@ -23,7 +23,7 @@ MISSING = object()
 _SUSPECT_Z, _SUSPECT_CONTRAST = 3.0, 1.03
 #: Below this clipped background (counts/pixel) the clipped ring means lose
 #: the counts (mostly-zero frames read 0): the beam is judged on a
-#: winsorised profile of every 4th row instead.
+#: capped (not clipped) profile of every 4th row instead.
 _SPARSE_LEVEL = 0.5
 #: Dead regions are looked for (a full-frame pass) when the model gives
 #: ``detector_fault`` at least this probability or a tile holds this excess
