@@ -536,9 +536,12 @@ class Pipeline:
         stats = radial_stats(dark, geometry=g)
         peaks = find_peaks(dark, geometry=g, stats=stats, **self.peak_params)
         if self.model is not None:
+            from .evidence.ice import ring_profile
             from .features import frame_features
 
             frame_features(dark, g, stats=stats, peaks=peaks)
+            ring_profile(dark, g, stats)  # the ice-band table (0.2-0.5 s on a 6M-16M detector)
+            self._gate = EvidenceGate()  # a new geometry (series): earlier background levels say nothing
 
     # ------------------------------------------------------------ run
     def run(self, *, max_frames: int | None = None, duration: float | None = None) -> RunSummary:
