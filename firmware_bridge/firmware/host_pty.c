@@ -4,10 +4,15 @@
  *
  *   ./bridge_fw [pty|PATH] [--link PATH] [--applied-log FILE] [--corrupt P]
  *               [--drop P] [--duplicate P] [--seed N] [--silent-after N]
+ *               [--device-id ID]
  *
  * Prints the path the host should open on stdout. Signals: SIGUSR1 =
  * "unplug" (close the pty, remove --link), SIGUSR2 = "replug" (new pty behind
- * --link), SIGTERM/SIGINT = exit.
+ * --link), SIGHUP = "reboot" (new boot id, boot-time instrument state, no
+ * sessions; same device id and port), SIGTERM/SIGINT = exit.
+ *
+ * On a PATH (not a pty) a hang-up (POLLHUP, EOF, EIO) closes the line, says so
+ * on stderr and reopens the path every 200 ms: no busy loop.
  */
 #define _XOPEN_SOURCE 700
 #include "bridge_proto.h"
@@ -42,11 +47,12 @@ typedef struct {
     uint64_t rng;
 } app_t;
 
-static volatile sig_atomic_t g_unplug, g_replug, g_quit;
+static volatile sig_atomic_t g_unplug, g_replug, g_reboot, g_quit;
 static void on_signal(int sig)
 {
     if (sig == SIGUSR1) g_unplug = 1;
     else if (sig == SIGUSR2) g_replug = 1;
+    else if (sig == SIGHUP) g_reboot = 1;
     else g_quit = 1;
 }
 
@@ -131,14 +137,41 @@ static void app_resume(void *user) { ((app_t *)user)->ins.alarm_code = 0; }
 
 static void app_state(void *user, bp_instrument *out) { *out = ((app_t *)user)->ins; }
 
+/* Length of the valid UTF-8 sequence at t (n bytes left), 0 if invalid
+ * (overlong, surrogate, > U+10FFFF, truncated). */
+static unsigned utf8_len(const uint8_t *t, unsigned n)
+{
+    unsigned len, i;
+    uint32_t cp;
+    if (t[0] < 0x80) return 1;
+    if (t[0] >= 0xC2 && t[0] <= 0xDF) { len = 2; cp = t[0] & 0x1Fu; }
+    else if (t[0] >= 0xE0 && t[0] <= 0xEF) { len = 3; cp = t[0] & 0x0Fu; }
+    else if (t[0] >= 0xF0 && t[0] <= 0xF4) { len = 4; cp = t[0] & 0x07u; }
+    else return 0;
+    if (len > n) return 0;
+    for (i = 1; i < len; i++) {
+        if ((t[i] & 0xC0u) != 0x80u) return 0;
+        cp = (cp << 6) | (t[i] & 0x3Fu);
+    }
+    if ((len == 3 && (cp < 0x800u || (cp >= 0xD800u && cp <= 0xDFFFu)))
+        || (len == 4 && (cp < 0x10000u || cp > 0x10FFFFu)))
+        return 0;
+    return len;
+}
+
+/* JSON string; invalid UTF-8 bytes become U+FFFD (as Python's "replace"). */
 static void json_text(FILE *f, const uint8_t *t, unsigned n)
 {
-    unsigned i;
+    unsigned i = 0;
     fputc('"', f);
-    for (i = 0; i < n; i++) {
+    while (i < n) {
+        unsigned k = utf8_len(t + i, n - i);
+        if (k == 0) { fputs("\\ufffd", f); i++; continue; }
+        if (k > 1) { fwrite(t + i, 1, k, f); i += k; continue; }
         if (t[i] == '"' || t[i] == '\\') fprintf(f, "\\%c", t[i]);
-        else if (t[i] < 0x20) fprintf(f, "\\u%04x", t[i]);
+        else if (t[i] < 0x20 || t[i] == 0x7F) fprintf(f, "\\u%04x", t[i]);
         else fputc(t[i], f);
+        i++;
     }
     fputc('"', f);
 }
@@ -250,14 +283,41 @@ static void unplug(app_t *a)
     a->fd = a->slave_fd = -1;
 }
 
+/* (Re)boot: boot-time instrument state, fresh protocol core, new random boot id
+ * (from the clock, not the fault RNG, so --seed runs stay reproducible). */
+static void boot(app_t *app, bp_device *dev, const bp_callbacks *cb, const char *device_id)
+{
+    static uint32_t boots;
+    struct timespec ts;
+    uint64_t x;
+    memset(&app->ins, 0, sizeof app->ins);
+    app->ins.attenuation = ATT_MAX; /* boot state = safe values, see README */
+    app->ins.exposure_us = 100000u;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    x = ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 40) ^ ++boots;
+    x *= 0x9E3779B97F4A7C15ull;
+    x ^= x >> 29;
+    bp_init(dev, cb, (uint32_t)(x >> 32) ? (uint32_t)(x >> 32) : 1u, "c-firmware", device_id);
+}
+
+static int open_path(app_t *a, const char *port)
+{
+    a->fd = open(port, O_RDWR | O_NOCTTY | O_NONBLOCK);
+    if (a->fd < 0) return -1;
+    set_raw(a->fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static app_t app;
     static bp_device dev;
+    static char default_id[BP_DEVICE_ID_MAX + 1];
     bp_callbacks cb;
-    const char *port = "pty";
+    const char *port = "pty", *device_id = NULL;
     char path[256];
     int i, is_pty;
+    uint32_t next_reopen = 0;
     struct sigaction sa;
     uint8_t rx[4096], frame[BP_MAX_ENCODED + 2];
     size_t flen = 0;
@@ -282,18 +342,31 @@ int main(int argc, char **argv)
         else if (!strcmp(o, "--duplicate")) app.duplicate = atof(v);
         else if (!strcmp(o, "--seed")) app.rng = (uint64_t)strtoull(v, NULL, 10) * 2654435761u + 1u;
         else if (!strcmp(o, "--silent-after")) app.silent_after = atol(v);
+        else if (!strcmp(o, "--device-id")) {
+            if (!*v || strlen(v) > BP_DEVICE_ID_MAX) {
+                fprintf(stderr, "--device-id must be 1 to %u bytes\n", BP_DEVICE_ID_MAX);
+                return 2;
+            }
+            device_id = v;
+        }
         else { fprintf(stderr, "unknown option %s\n", o); return 2; }
     }
-    app.ins.attenuation = ATT_MAX; /* boot state = safe values, see README */
-    app.ins.exposure_us = 100000u;
+    if (!device_id) { /* a new process is a new device unless told otherwise */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        snprintf(default_id, sizeof default_id, "fw-%08lx",
+                 (unsigned long)(((uint32_t)ts.tv_nsec * 2654435761u) ^ (uint32_t)getpid()
+                                 ^ ((uint32_t)ts.tv_sec << 20)));
+        device_id = default_id;
+    }
 
     cb.apply = app_apply; cb.applied = app_applied; cb.enter_safe_state = app_safe;
     cb.resume = app_resume; cb.get_state = app_state; cb.write = app_write; cb.user = &app;
-    bp_init(&dev, &cb, (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16), "c-firmware");
+    boot(&app, &dev, &cb, device_id);
 
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
-    sigaction(SIGUSR1, &sa, NULL); sigaction(SIGUSR2, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL); sigaction(SIGUSR2, &sa, NULL); sigaction(SIGHUP, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL); sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -301,9 +374,7 @@ int main(int argc, char **argv)
     if (is_pty) {
         if (plug(&app, path, sizeof path) != 0) { perror("pty"); return 1; }
     } else {
-        app.fd = open(port, O_RDWR | O_NOCTTY | O_NONBLOCK);
-        if (app.fd < 0) { perror(port); return 1; }
-        set_raw(app.fd);
+        if (open_path(&app, port) != 0) { perror(port); return 1; }
         snprintf(path, sizeof path, "%s", port);
     }
     printf("%s\n", app.link ? app.link : path);
@@ -318,11 +389,39 @@ int main(int argc, char **argv)
             if (is_pty && app.fd < 0 && plug(&app, path, sizeof path) != 0) { perror("replug"); return 1; }
             flen = 0; discard = 0;
         }
+        if (g_reboot) {
+            g_reboot = 0;
+            boot(&app, &dev, &cb, device_id);
+            flen = 0; discard = 0;
+        }
+        if (!is_pty && app.fd < 0 && (int32_t)(now_ms() - next_reopen) >= 0) {
+            next_reopen = now_ms() + 200u;
+            if (open_path(&app, port) == 0) {
+                fprintf(stderr, "bridge_fw: %s reopened\n", port);
+                flen = 0; discard = 0;
+            }
+        }
         p.fd = app.fd; p.events = POLLIN; p.revents = 0;
         r = poll(&p, app.fd >= 0 ? 1 : 0, 5);
-        if (r > 0 && (p.revents & POLLIN)) {
+        if (r > 0 && app.fd >= 0 && (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) {
             ssize_t n = read(app.fd, rx, sizeof rx);
             ssize_t k;
+            if (n < 0 && (errno == EAGAIN || errno == EINTR)) n = 0;
+            else if (n <= 0) {
+                /* EOF / EIO / hang-up: without this the poll above returns at once
+                 * forever (100 % CPU). A pty we own never hangs up (we hold the slave). */
+                if (!is_pty) {
+                    fprintf(stderr, "bridge_fw: %s hung up (%s); reopening every 200 ms\n", port,
+                            n == 0 ? "end of file" : strerror(errno));
+                    close(app.fd);
+                    app.fd = -1;
+                    next_reopen = now_ms() + 200u;
+                } else {
+                    struct timespec ts = {0, 5000000L};
+                    nanosleep(&ts, NULL);
+                }
+                n = 0;
+            }
             for (k = 0; k < n; k++) {
                 /* Split frames here only to inject faults per frame; the core
                  * itself accepts any chunking. */
