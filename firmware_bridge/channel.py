@@ -107,6 +107,7 @@ class ReliableChannel:
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()
         self._seq = 0
+        self._sent_seq = 0  # highest seq that may be on the wire (the HELLO seq floor)
         self._hb_seq = 0
         self._hello_seq = 0
         self._link_up = False
@@ -225,6 +226,7 @@ class ReliableChannel:
                             self.stats.retransmissions += 1
                         else:
                             t_first = time.monotonic()
+                        self._sent_seq = seq  # before the write: the floor must cover it
                         if hook is not None:
                             hook(seq, attempts + 1)
                         self._write(frame)
@@ -384,9 +386,9 @@ class ReliableChannel:
                     continue
             if not self._ready and now >= next_hello:
                 self._hello_seq += 1
-                # seq floor: every seq allocated so far may be on the wire already
+                # seq floor: every seq written so far may have been applied already
                 self._write(encode_frame(MsgType.HELLO, self.session, self._hello_seq,
-                                         HELLO.pack(self.opts.watchdog_ms, self._seq)))
+                                         HELLO.pack(self.opts.watchdog_ms, self._sent_seq)))
                 next_hello = now + self.opts.hello_interval
             hb = self.opts.heartbeat_interval
             if self._ready and hb and now >= next_hb:

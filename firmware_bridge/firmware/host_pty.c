@@ -137,41 +137,45 @@ static void app_resume(void *user) { ((app_t *)user)->ins.alarm_code = 0; }
 
 static void app_state(void *user, bp_instrument *out) { *out = ((app_t *)user)->ins; }
 
-/* Length of the valid UTF-8 sequence at t (n bytes left), 0 if invalid
- * (overlong, surrogate, > U+10FFFF, truncated). */
-static unsigned utf8_len(const uint8_t *t, unsigned n)
+/* One UTF-8 sequence at t (n > 0 bytes left): returns the bytes it spans and
+ * sets *ok. An invalid sequence spans its "maximal subpart" (Unicode 15,
+ * section 3.9), so each becomes one U+FFFD exactly as Python's "replace". */
+static unsigned utf8_step(const uint8_t *t, unsigned n, int *ok)
 {
     unsigned len, i;
-    uint32_t cp;
-    if (t[0] < 0x80) return 1;
-    if (t[0] >= 0xC2 && t[0] <= 0xDF) { len = 2; cp = t[0] & 0x1Fu; }
-    else if (t[0] >= 0xE0 && t[0] <= 0xEF) { len = 3; cp = t[0] & 0x0Fu; }
-    else if (t[0] >= 0xF0 && t[0] <= 0xF4) { len = 4; cp = t[0] & 0x07u; }
-    else return 0;
-    if (len > n) return 0;
+    uint8_t lo = 0x80u, hi = 0xBFu;
+    *ok = 0;
+    if (t[0] < 0x80u) { *ok = 1; return 1; }
+    if (t[0] >= 0xC2u && t[0] <= 0xDFu) len = 2;
+    else if (t[0] >= 0xE0u && t[0] <= 0xEFu) len = 3;
+    else if (t[0] >= 0xF0u && t[0] <= 0xF4u) len = 4;
+    else return 1;
+    if (t[0] == 0xE0u) lo = 0xA0u;        /* no overlongs */
+    else if (t[0] == 0xEDu) hi = 0x9Fu;   /* no surrogates */
+    else if (t[0] == 0xF0u) lo = 0x90u;   /* no overlongs */
+    else if (t[0] == 0xF4u) hi = 0x8Fu;   /* <= U+10FFFF */
     for (i = 1; i < len; i++) {
-        if ((t[i] & 0xC0u) != 0x80u) return 0;
-        cp = (cp << 6) | (t[i] & 0x3Fu);
+        if (i >= n || t[i] < lo || t[i] > hi) return i;
+        lo = 0x80u; hi = 0xBFu;
     }
-    if ((len == 3 && (cp < 0x800u || (cp >= 0xD800u && cp <= 0xDFFFu)))
-        || (len == 4 && (cp < 0x10000u || cp > 0x10FFFFu)))
-        return 0;
+    *ok = 1;
     return len;
 }
 
-/* JSON string; invalid UTF-8 bytes become U+FFFD (as Python's "replace"). */
+/* JSON string; invalid UTF-8 becomes U+FFFD, control characters are escaped. */
 static void json_text(FILE *f, const uint8_t *t, unsigned n)
 {
     unsigned i = 0;
     fputc('"', f);
     while (i < n) {
-        unsigned k = utf8_len(t + i, n - i);
-        if (k == 0) { fputs("\\ufffd", f); i++; continue; }
-        if (k > 1) { fwrite(t + i, 1, k, f); i += k; continue; }
-        if (t[i] == '"' || t[i] == '\\') fprintf(f, "\\%c", t[i]);
-        else if (t[i] < 0x20 || t[i] == 0x7F) fprintf(f, "\\u%04x", t[i]);
+        int ok;
+        unsigned k = utf8_step(t + i, n - i, &ok);
+        if (!ok) fputs("\\ufffd", f);
+        else if (k > 1) fwrite(t + i, 1, k, f);
+        else if (t[i] == '"' || t[i] == '\\') fprintf(f, "\\%c", t[i]);
+        else if (t[i] < 0x20u || t[i] == 0x7Fu) fprintf(f, "\\u%04x", t[i]);
         else fputc(t[i], f);
-        i++;
+        i += k;
     }
     fputc('"', f);
 }
