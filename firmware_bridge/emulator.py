@@ -8,9 +8,11 @@ CLI::
 
     python -m firmware_bridge.emulator PORT [--corrupt P] [--drop P] [--duplicate P]
         [--delay S] [--silent-after N] [--applied-log FILE] [--link PATH] [--seed N]
+        [--device-id ID]
 
 ``PORT`` is a serial device path / pyserial URL, or ``pty`` to create a
-pseudo-terminal and print the path the host should open.
+pseudo-terminal and print the path the host should open. Signals (as the C
+firmware): SIGUSR1 unplug, SIGUSR2 replug, SIGHUP reboot, SIGTERM exit.
 
 In-process (tests, pipeline demo)::
 
@@ -521,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
           f"Ctrl-C to stop", file=sys.stderr, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Same signals as the C firmware's host program (soak and tests drive both alike).
+    signal.signal(signal.SIGUSR1, lambda *_: emu.unplug())
+    signal.signal(signal.SIGUSR2, lambda *_: emu.replug())
+    signal.signal(signal.SIGHUP, lambda *_: emu.reboot())
     try:
         while not stop.wait(0.2):
             if emu.dead.is_set():  # the thread reported why on stderr
