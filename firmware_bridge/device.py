@@ -203,6 +203,8 @@ class DeviceCore:
             return out
         t = f.msg_type
         if t == MsgType.HELLO:
+            if f.session == 0:  # reserved ("no host"): it would disarm the watchdog
+                return out
             req, floor = unpack_hello(f.payload)
             hist = self.sessions.get(f.session)
             if hist is None:

@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -23,7 +24,11 @@ import pytest
 from firmware_bridge.commands import Limits
 from firmware_bridge.emulator import start_pty_emulator
 from firmware_bridge.framing import Frame, FrameDecoder, encode_frame
-from firmware_bridge.messages import HELLO, MsgType
+from firmware_bridge.messages import MsgType
+
+#: HELLO payload as the spec writes it (u16 watchdog ms, u32 seq floor), independent of the
+#: library so raw-frame tests exercise the devices exactly as specified.
+HELLO_WIRE = struct.Struct("<HI")
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[1] / "firmware_bridge" / "firmware"
 CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O2"]
@@ -73,9 +78,10 @@ class PyDevice:
 
     def __init__(self, tmp: Path, device_id: str | None = None, **faults) -> None:
         self.log_path = tmp / "applied-py.jsonl"
+        if device_id is not None:
+            faults["device_id"] = device_id
         self.emu = start_pty_emulator(applied_log=str(self.log_path),
-                                      link_path=str(tmp / "ttyPY0"), seed=1234,
-                                      device_id=device_id, **faults)
+                                      link_path=str(tmp / "ttyPY0"), seed=1234, **faults)
         self.port = self.emu.port
 
     def reboot(self) -> None:
@@ -179,7 +185,7 @@ class RawHost:
         os.write(self.fd, data)
 
     def hello(self, session: int, seq: int = 1, floor: int = 0, watchdog_ms: int = 10000) -> Frame:
-        self.send(encode_frame(MsgType.HELLO, session, seq, HELLO.pack(watchdog_ms, floor)))
+        self.send(encode_frame(MsgType.HELLO, session, seq, HELLO_WIRE.pack(watchdog_ms, floor)))
         return self.expect(lambda f: f.msg_type == MsgType.HELLO_ACK and f.seq == seq
                            and f.session == session)
 
@@ -285,5 +291,6 @@ def check_exactly_once(applied: list[dict], acked: list[tuple[int, int]]) -> Non
     assert not missing, f"acked but not applied: {sorted(missing)[:10]}"
 
 
-__all__ = ["firmware_exe", "make_device", "FAST_LIMITS", "PyDevice", "CDevice", "RawHost", "Cable", "build_firmware", "compiler",
-           "wait_until", "read_log", "check_exactly_once", "cpu_seconds"]
+__all__ = ["HELLO_WIRE", "firmware_exe", "make_device", "FAST_LIMITS", "PyDevice", "CDevice",
+           "RawHost", "Cable", "build_firmware", "compiler", "wait_until", "read_log",
+           "check_exactly_once", "cpu_seconds"]

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from firmware_bridge.framing import HEADER, MAX_PAYLOAD, crc16
 from firmware_bridge.messages import CommandId, MsgType
-from bridge_helpers import (RawHost, cpu_seconds, firmware_exe, make_device,  # noqa: F401
-                            wait_until)
+from bridge_helpers import (HELLO_WIRE, RawHost, cpu_seconds, firmware_exe,  # noqa: F401
+                            make_device, wait_until)
 
 S = 0x5E55105E
 
@@ -112,14 +112,13 @@ def test_hung_up_line_neither_spins_nor_dies_and_is_reopened(kind, tmp_path, req
 
 def _check_hello_on_master(master: int, timeout: float = 5.0) -> None:
     from firmware_bridge.framing import FrameDecoder, encode_frame
-    from firmware_bridge.messages import HELLO
     import select
     dec, end = FrameDecoder(), time.monotonic() + timeout
     nxt = 0.0
     while time.monotonic() < end:
         try:  # EIO until the device has (re)opened the slave side
             if time.monotonic() >= nxt:  # repeat: the device may still be reopening the line
-                os.write(master, encode_frame(MsgType.HELLO, S, 1, HELLO.pack(0, 0)))
+                os.write(master, encode_frame(MsgType.HELLO, S, 1, HELLO_WIRE.pack(0, 0)))
                 nxt = time.monotonic() + 0.2
             r, _, _ = select.select([master], [], [], 0.05)
             if r and any(f.msg_type == MsgType.HELLO_ACK

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 import firmware_bridge as fb
 from firmware_bridge.framing import encode_frame
 from firmware_bridge.messages import CommandFate, ErrorCode, MsgType
-from bridge_helpers import (FAST_LIMITS, Cable, RawHost, check_exactly_once, firmware_exe,  # noqa: F401
-                            make_device, read_log, wait_until)
+from bridge_helpers import (FAST_LIMITS, HELLO_WIRE, Cable, RawHost,  # noqa: F401
+                            check_exactly_once, firmware_exe, make_device, read_log, wait_until)
 
 A, B = 0xA1A1A1A1, 0xB2B2B2B2
 
@@ -269,3 +269,18 @@ def test_stray_frame_with_another_version_never_poisons_the_link(
     finally:
         cable.close()
         dev.stop()
+
+
+def test_hello_with_reserved_session_zero_cannot_disarm_the_watchdog(make_device):
+    from firmware_bridge.messages import FLAG_SAFE_STATE
+    dev = make_device()
+    host = RawHost(dev.port)
+    try:
+        host.hello(A, watchdog_ms=100)
+        host.send(encode_frame(MsgType.HELLO, 0, 7, HELLO_WIRE.pack(0, 0)))  # never answered
+        # no heartbeats: the device must still fall back to its safe state and say so
+        tele = host.expect(lambda f: f.msg_type == MsgType.TELEMETRY and f.seq == 0)
+        assert tele.session == A and tele.payload[0] & FLAG_SAFE_STATE
+        assert not any(f.msg_type == MsgType.HELLO_ACK and f.seq == 7 for f in host.pending)
+    finally:
+        host.close()

@@ -252,6 +252,8 @@ static void handle_frame(bp_device *dev, const uint8_t *raw, size_t n)
         size_t il = cut_utf8(dev->device_id, BP_DEVICE_ID_MAX);
         uint16_t req = plen >= 2 ? (uint16_t)(payload[0] | (payload[1] << 8)) : 0;
         uint32_t floor = plen >= 6 ? get_u32(payload + 2) : 0;
+        if (session == 0)
+            return; /* reserved ("no host"): it would disarm the watchdog */
         dev->active = session_attach(dev, session, floor);
         dev->session = session;
         if (req == 0)
