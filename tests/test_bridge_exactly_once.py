@@ -9,7 +9,6 @@ import threading
 import pytest
 
 import firmware_bridge as fb
-from firmware_bridge.device import DeviceCore
 from firmware_bridge.emulator import start_pty_emulator
 from bridge_helpers import FAST_LIMITS, check_exactly_once, read_log, wait_until
 
