@@ -91,7 +91,7 @@ def test_hung_up_line_neither_spins_nor_dies_and_is_reopened(kind, tmp_path, req
         wall = time.monotonic() - t0
         # A busy loop burns ~all of the wall time; a waiting device almost none. Load on
         # the machine can only lower the figure, so this cannot fail spuriously.
-        assert used < 0.3 * wall, f"{used:.2f} s CPU in {wall:.2f} s after the hang-up"
+        assert used < 0.1 * wall, f"{used:.2f} s CPU in {wall:.2f} s after the hang-up"
         assert proc.poll() is None, "device exited instead of waiting for the line"
         master = _new_line(link)  # the line comes back (same path, new tty)
         _check_hello_on_master(master, timeout=10.0)
