@@ -16,8 +16,8 @@ Examples
 from .bridge import Ack, Bridge, connect
 from .commands import Limits, ValidatedCommand, validate
 from .errors import (BridgeClosed, BridgeError, ChannelError, CommandFailed, CommandRejected,
-                     ConfigError, DeadlineExceeded, DeviceUnreachable, HandshakeError,
-                     OutcomeUnknown, PortUnavailable, ProtocolError, RateLimited,
+                     ConfigError, DeadlineExceeded, DeviceMismatch, DeviceUnreachable,
+                     HandshakeError, OutcomeUnknown, PortUnavailable, ProtocolError, RateLimited,
                      SafeStateActive, TransportError, UnknownCommand, ValidationError)
 from .messages import DeviceState, ErrorCode
 
@@ -25,6 +25,6 @@ __all__ = [
     "Ack", "Bridge", "connect", "validate", "Limits", "ValidatedCommand", "DeviceState",
     "ErrorCode", "BridgeError", "ConfigError", "ValidationError", "UnknownCommand", "RateLimited",
     "BridgeClosed", "TransportError", "PortUnavailable", "ProtocolError", "HandshakeError",
-    "ChannelError", "CommandRejected", "SafeStateActive", "CommandFailed", "DeadlineExceeded",
-    "DeviceUnreachable", "OutcomeUnknown",
+    "DeviceMismatch", "ChannelError", "CommandRejected", "SafeStateActive", "CommandFailed",
+    "DeadlineExceeded", "DeviceUnreachable", "OutcomeUnknown",
 ]

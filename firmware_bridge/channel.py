@@ -14,21 +14,34 @@ Exactly-once scheme
   at or below the highest seen and no longer stored is refused (STALE_SEQ).
 * A plain timeout leads to retransmission of the identical frame (safe by
   the rule above) with exponential backoff until the deadline.
+* Every HELLO carries the host's *seq floor* (the highest seq it may already
+  have sent). A device that does not know the session (it restarted, or
+  another host's sessions pushed this one out of its history) starts it at
+  that floor and never applies a seq at or below it. So no retransmission can
+  be applied by a device that cannot vouch for it, whatever the timing of a
+  reboot and the retransmission write.
 * After a reconnect (new handshake) a command that was already transmitted
   is first resolved with STATUS_QUERY: the stored answer comes back if it was
   applied, NOT_RECEIVED means it is safe to send, anything else (device
-  rebooted, answer evicted) ends the send with :class:`OutcomeUnknown`.
+  rebooted, answer evicted, session forgotten) ends the send with
+  :class:`OutcomeUnknown`.
+* The device id in HELLO_ACK is pinned at the first handshake (or given by
+  the caller); a different device behind the same path is refused with
+  :class:`DeviceMismatch` and the link stops talking to it.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from .errors import (BridgeClosed, CommandRejected, DeadlineExceeded, DeviceUnreachable,
-                     HandshakeError, OutcomeUnknown, PortUnavailable, SafeStateActive)
+from .errors import (BridgeClosed, BridgeError, CommandRejected, DeadlineExceeded,
+                     DeviceMismatch, DeviceUnreachable, HandshakeError, OutcomeUnknown,
+                     PortUnavailable, ProtocolError, SafeStateActive)
 from .framing import PROTOCOL_VERSION, Frame, FrameDecoder, encode_frame
 from .messages import (HELLO, CommandFate, DeviceState, ErrorCode, MsgType, Reply,
                        parse_reply)
@@ -49,6 +62,8 @@ class ChannelStats:
     heartbeats: int = 0
     telemetry: int = 0
     stray_frames: int = 0
+    bad_version_frames: int = 0
+    reopens: int = 0
     last_error: str = ""
     decoder: dict = field(default_factory=dict)
 
@@ -65,6 +80,7 @@ class ChannelOptions:
     reconnect_max: float = 0.5      # cap of that wait
     heartbeat_interval: float | None = 0.1  # None disables heartbeats
     watchdog_ms: int = 0            # watchdog asked from the device (0 = its default)
+    device_id: str | None = None    # expected device id (None: pin the first one seen)
 
 
 class ReliableChannel:
@@ -84,12 +100,14 @@ class ReliableChannel:
         self.session = secrets.randbits(32) or 1
         self.stats = ChannelStats()
         self.device_name = ""
+        self.device_id = self.opts.device_id or ""
         self.dedup_size = 0
         self.watchdog_ms = 0
         self._decoder = FrameDecoder()
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()
         self._seq = 0
+        self._sent_seq = 0  # highest seq that may be on the wire (the HELLO seq floor)
         self._hb_seq = 0
         self._hello_seq = 0
         self._link_up = False
@@ -97,7 +115,10 @@ class ReliableChannel:
         self._broken = False
         self._epoch = 0
         self._boot_id: int | None = None
-        self._handshake_error: HandshakeError | None = None
+        self._fatal: BridgeError | None = None  # sticky: every send raises it
+        #: Test hook: called as ``hook(seq, attempt)`` just before a COMMAND frame is
+        #: written (lets tests force the reboot/retransmission interleaving).
+        self.before_command_write: Callable[[int, int], None] | None = None
         self._waiting: set[int] = set()
         self._replies: dict[int, Reply] = {}
         self._state: DeviceState | None = None
@@ -125,11 +146,16 @@ class ReliableChannel:
     def wait_ready(self, timeout: float) -> bool:
         """Block until handshaked, closed, or ``timeout``; return readiness."""
         with self._cv:
-            self._cv.wait_for(lambda: self._ready or self._closed or self._handshake_error,
+            self._cv.wait_for(lambda: self._ready or self._closed or self._fatal,
                               timeout)
-            if self._handshake_error is not None:
-                raise self._handshake_error
+            if self._fatal is not None:
+                raise self._fatal
             return self._ready
+
+    @property
+    def boot_id(self) -> int | None:
+        """Boot id of the device at the last handshake."""
+        return self._boot_id
 
     def request(self, payload: bytes, *, command: str, deadline: float,
                 max_attempts: int | None = None) -> tuple[Reply, int, int, float]:
@@ -151,6 +177,7 @@ class ReliableChannel:
             self._seq += 1
             seq = self._seq
             frame = encode_frame(MsgType.COMMAND, self.session, seq, payload)
+            hook = self.before_command_write
             t_end = time.monotonic() + deadline
             rto = self.opts.retry_initial
             transmitted = False
@@ -165,14 +192,19 @@ class ReliableChannel:
                 while True:
                     with self._cv:
                         ok = self._cv.wait_for(
-                            lambda: self._ready or self._closed or self._handshake_error,
+                            lambda: self._ready or self._closed or self._fatal,
                             max(0.0, t_end - time.monotonic()))
                         epoch, boot = self._epoch, self._boot_id
                         reply = self._replies.pop(seq, None)
                     if self._closed:
                         raise BridgeClosed(f"bridge closed while sending {command!r} (seq {seq})")
-                    if self._handshake_error is not None:
-                        raise self._handshake_error
+                    if self._fatal is not None:
+                        if transmitted:
+                            raise OutcomeUnknown(
+                                f"{command} (seq {seq}): link failed while the command was in "
+                                f"flight ({self._fatal}); it may or may not have been applied",
+                                command=command, seq=seq, applied=None) from self._fatal
+                        raise self._fatal
                     if reply is not None:
                         result = self._conclude(reply, command, seq)
                         if result is not None:
@@ -194,6 +226,9 @@ class ReliableChannel:
                             self.stats.retransmissions += 1
                         else:
                             t_first = time.monotonic()
+                        self._sent_seq = seq  # before the write: the floor must cover it
+                        if hook is not None:
+                            hook(seq, attempts + 1)
                         self._write(frame)
                         transmitted, sent_epoch, sent_boot = True, epoch, boot
                         attempts += 1
@@ -240,8 +275,10 @@ class ReliableChannel:
                                  command=command, seq=seq, applied=None)
         code = reply.code
         if code == ErrorCode.STALE_SEQ:
-            raise OutcomeUnknown(f"{command} (seq {seq}): device reports a stale sequence number",
-                                 command=command, seq=seq, applied=None)
+            raise OutcomeUnknown(f"{command} (seq {seq}): device refused it as stale (it restarted, "
+                                 f"forgot this session, or evicted the answer); it may or may not "
+                                 f"have been applied before", command=command, seq=seq,
+                                 applied=None)
         try:
             reason = ErrorCode(code).name
         except ValueError:
@@ -264,11 +301,18 @@ class ReliableChannel:
         if not self._ready:
             return DeadlineExceeded(
                 f"{command} (seq {seq}) failed: device on {self.transport.port!r} did not answer "
-                f"the handshake within {deadline:.3g} s (silent device?); {fate}",
+                f"the handshake within {deadline:.3g} s ({self.handshake_hint()}); {fate}",
                 command=command, seq=seq, applied=applied)
         return DeadlineExceeded(
             f"{command} (seq {seq}) failed: no answer after {attempts} attempt(s) in "
             f"{deadline:.3g} s; {fate}", command=command, seq=seq, applied=applied)
+
+    def handshake_hint(self) -> str:
+        """Why a handshake may not have completed (for error messages)."""
+        if self.stats.bad_version_frames:
+            return (f"silent device? {self.stats.bad_version_frames} frame(s) with another "
+                    f"protocol version than {PROTOCOL_VERSION} were dropped")
+        return "silent device?"
 
     def _write(self, data: bytes) -> bool:
         try:
@@ -282,9 +326,31 @@ class ReliableChannel:
 
     # ------------------------------------------------------------- link thread
     def _run(self) -> None:
+        try:
+            self._link_loop()
+        except BaseException as exc:  # noqa: BLE001 - never die silently: every send reports it
+            with self._cv:
+                self._fatal = ProtocolError(f"link thread failed: {type(exc).__name__}: {exc}")
+                self._ready = self._link_up = False
+                self._cv.notify_all()
+            self.transport.close()
+        self.stats.decoder = vars(self._decoder.stats)
+
+    def _path_moved(self) -> bool:
+        """True if the port path now names another tty than the one open (device re-plugged)."""
+        dev = self.transport.device
+        if not dev or "://" in dev or not os.path.exists(self.transport.port):
+            return False
+        try:
+            return os.path.realpath(self.transport.port) != self._opened_real
+        except OSError:
+            return False
+
+    def _link_loop(self) -> None:
         backoff = self.opts.reconnect_min
-        next_hello = next_hb = 0.0
-        while not self._stop.is_set():
+        next_hello = next_hb = next_path_check = 0.0
+        self._opened_real = ""
+        while not self._stop.is_set() and self._fatal is None:
             if not self.transport.is_open:
                 try:
                     self.transport.open()
@@ -294,6 +360,10 @@ class ReliableChannel:
                     backoff = min(backoff * 2, self.opts.reconnect_max)
                     continue
                 backoff = self.opts.reconnect_min
+                try:
+                    self._opened_real = os.path.realpath(self.transport.device or "")
+                except OSError:
+                    self._opened_real = ""
                 self._decoder.reset()
                 self._broken = False
                 self.stats.connects += 1
@@ -303,10 +373,22 @@ class ReliableChannel:
                     self._cv.notify_all()
                 next_hello = 0.0
             now = time.monotonic()
+            if not self._ready and now >= next_path_check:
+                # A device restarted on a new pty re-points the link path; the old tty
+                # may be reused by an unrelated program that never answers.
+                next_path_check = now + 0.25
+                if self._path_moved():
+                    self.stats.reopens += 1
+                    self.transport.close()
+                    with self._cv:
+                        self._link_up = False
+                        self._cv.notify_all()
+                    continue
             if not self._ready and now >= next_hello:
                 self._hello_seq += 1
+                # seq floor: every seq written so far may have been applied already
                 self._write(encode_frame(MsgType.HELLO, self.session, self._hello_seq,
-                                         HELLO.pack(self.opts.watchdog_ms)))
+                                         HELLO.pack(self.opts.watchdog_ms, self._sent_seq)))
                 next_hello = now + self.opts.hello_interval
             hb = self.opts.heartbeat_interval
             if self._ready and hb and now >= next_hb:
@@ -334,18 +416,27 @@ class ReliableChannel:
             if data:
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
-        self.stats.decoder = vars(self._decoder.stats)
+                    if self._fatal is not None:
+                        break
+        if self._fatal is not None:
+            self.transport.close()  # stop talking to a device we must not drive
+            with self._cv:
+                self._link_up = self._ready = False
+                self._cv.notify_all()
 
     def _dispatch(self, f: Frame) -> None:
         if f.version != PROTOCOL_VERSION:
-            with self._cv:
-                self._handshake_error = HandshakeError(
-                    f"device speaks protocol version {f.version}, host speaks {PROTOCOL_VERSION}")
-                self._cv.notify_all()
+            # A stray frame must not poison a healthy link: drop and count it. A
+            # device that really speaks another version never completes the handshake,
+            # and the failure message names these frames.
+            self.stats.bad_version_frames += 1
             return
         reply = parse_reply(f.msg_type, f.session, f.seq, f.payload)
         if reply is None or f.session != self.session:
             self.stats.stray_frames += 1  # malformed, or from another host session
+            return
+        if reply.msg_type == MsgType.NACK and reply.code == ErrorCode.BAD_VERSION:
+            self.stats.bad_version_frames += 1  # answer to a frame we never sent
             return
         if reply.state is not None:
             self._state, self._state_time = reply.state, time.monotonic()
@@ -353,12 +444,21 @@ class ReliableChannel:
         if t == MsgType.HELLO_ACK:
             if reply.proto != PROTOCOL_VERSION:
                 with self._cv:
-                    self._handshake_error = HandshakeError(
+                    self._fatal = HandshakeError(
                         f"device protocol {reply.proto} != host protocol {PROTOCOL_VERSION}")
                     self._cv.notify_all()
                 return
             with self._cv:
+                if self.device_id and reply.device_id != self.device_id:
+                    self._fatal = DeviceMismatch(
+                        f"refusing device {reply.device_id!r} ({reply.name!r}) on "
+                        f"{self.transport.port!r} ({self.transport.device}): this bridge is bound "
+                        f"to device {self.device_id!r}; not sending anything to it",
+                        expected=self.device_id, found=reply.device_id)
+                    self._cv.notify_all()
+                    return
                 if not self._ready:
+                    self.device_id = reply.device_id
                     self.device_name, self.dedup_size = reply.name, reply.dedup_size
                     self.watchdog_ms = reply.watchdog_ms
                     self._boot_id = reply.state.boot_id if reply.state else None

@@ -9,6 +9,7 @@ admitted by the rate limiter. The device enforces its own hard limits again.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import struct
 import sys
@@ -129,7 +130,12 @@ class Limits:
             return cls._from_mapping(_parse_toml(text, "default limits.toml"), "default limits.toml")
         if isinstance(source, Mapping):
             return cls._from_mapping(source, "<dict>")
+        if not isinstance(source, (str, os.PathLike)):
+            raise ConfigError(f"limits must be a path, a mapping or a Limits, "
+                              f"got {type(source).__name__}")
         path = os.fspath(source)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
@@ -140,14 +146,19 @@ class Limits:
     @classmethod
     def _from_mapping(cls, data: Mapping, where: str) -> "Limits":
         _check_keys(data, {"version", "rate", "commands"}, where)
-        if data.get("version", 1) != 1:
-            raise ConfigError(f"{where}: unsupported limits version {data.get('version')!r}")
+        version = data.get("version", 1)
+        if isinstance(version, bool) or version != 1:
+            raise ConfigError(f"{where}: unsupported limits version {version!r} (expected 1)")
         rate = data.get("rate", {})
         _check_keys(rate, {"max_per_second", "burst"}, f"{where} [rate]")
         max_ps = _positive(rate.get("max_per_second", 500.0), f"{where} rate.max_per_second")
-        burst = int(_positive(rate.get("burst", 100), f"{where} rate.burst"))
+        burst = _burst(rate.get("burst", 100), f"{where} rate.burst")
         commands: dict[str, CommandLimits] = {}
-        for name, entry in (data.get("commands") or {}).items():
+        table = data.get("commands", {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: [commands] must be a table of command tables, "
+                              f"got {type(table).__name__}")
+        for name, entry in table.items():
             cdef = VOCABULARY.get(name)
             if cdef is None or cdef.wire:
                 raise ConfigError(f"{where}: unknown command {name!r} in [commands] "
@@ -172,10 +183,10 @@ class Limits:
             commands[name] = CommandLimits(
                 enabled, constraints,
                 None if rps is None else _positive(rps, f"{where} commands.{name}.rate_per_second"),
-                None if cburst is None else int(_positive(cburst, f"{where} commands.{name}.burst")))
+                None if cburst is None else _burst(cburst, f"{where} commands.{name}.burst"))
         return cls(commands, max_ps, burst, where)
 
-    def validate(self, command: str, **args: Any) -> ValidatedCommand:
+    def validate(self, command: str, /, **args: Any) -> ValidatedCommand:
         """Check a command against vocabulary and limits and encode it.
 
         Raises
@@ -185,6 +196,8 @@ class Limits:
         ValidationError
             Missing/unexpected argument, wrong type, or out of range.
         """
+        if not isinstance(command, str):
+            raise UnknownCommand(f"command name must be a str, got {type(command).__name__}")
         cdef = VOCABULARY.get(command)
         if cdef is None:
             raise UnknownCommand(f"unknown command {command!r}; known: {', '.join(sorted(VOCABULARY))}")
@@ -242,20 +255,33 @@ def _check_value(command: str, spec: ArgSpec, value: Any, cons: Mapping[str, Any
         if not isinstance(value, str):
             raise ValidationError(f"{where} must be a str, got {type(value).__name__}")
         limit = cons.get("max_bytes", spec.max_bytes)
-        n = len(value.encode("utf-8"))
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # lone surrogate: not representable on the wire
+            raise ValidationError(f"{where} is not valid Unicode text ({exc.reason} at "
+                                  f"index {exc.start})") from exc
         if n > limit:
             raise ValidationError(f"{where} is {n} UTF-8 bytes, limit is {limit}")
         return value
-    # numbers; bool is an int subclass but never a valid number here
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers (NumPy scalars too); bool is an int subclass but never a valid number here
+    if isinstance(value, bool) or type(value).__name__ == "bool_" \
+            or not isinstance(value, numbers.Real):
         raise ValidationError(f"{where} must be a number, got {value!r}")
     if spec.kind == "int":
-        if isinstance(value, float):
-            if not value.is_integer():
+        if not isinstance(value, numbers.Integral):
+            try:
+                as_float = float(value)
+            except (OverflowError, ValueError) as exc:
+                raise ValidationError(f"{where} must be an integer, got {value!r}") from exc
+            if not as_float.is_integer():
                 raise ValidationError(f"{where} must be an integer, got {value!r}")
-            value = int(value)
+            value = as_float
+        value = int(value)
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except (OverflowError, ValueError) as exc:  # e.g. 10**400
+            raise ValidationError(f"{where}={value!r} is not a finite float") from exc
         if not math.isfinite(value):
             raise ValidationError(f"{where} must be finite, got {value!r}")
     lo, hi = cons.get("min", spec.lo), cons.get("max", spec.hi)
@@ -294,13 +320,22 @@ def _check_keys(data: Any, allowed: set | frozenset, where: str) -> None:
         raise ConfigError(f"{where} must be a table")
     unknown = set(data) - set(allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown, key=repr)}; "
+                          f"allowed: {sorted(allowed)}")
 
 
 def _positive(v: Any, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
         raise ConfigError(f"{where} must be a positive number, got {v!r}")
     return float(v)
+
+
+def _burst(v: Any, where: str) -> int:
+    """A bucket capacity: a whole number of commands >= 1 (0.5 would admit nothing)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < 1 or v != int(v) or v > 10**9:
+        raise ConfigError(f"{where} must be a whole number of commands in [1, 1e9], got {v!r}")
+    return int(v)
 
 
 def _parse_toml(text: str, where: str) -> dict:
@@ -350,7 +385,7 @@ class RateLimiter:
 _default_limits: Limits | None = None
 
 
-def validate(command: str, limits: str | os.PathLike | Mapping | Limits | None = None,
+def validate(command: str, /, limits: str | os.PathLike | Mapping | Limits | None = None,
              **args: Any) -> ValidatedCommand:
     """Validate ``command(**args)`` against ``limits`` (default: shipped limits.toml).
 

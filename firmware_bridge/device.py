@@ -15,10 +15,11 @@ from typing import Callable
 
 from .commands import COMMAND_NAMES
 from .framing import PROTOCOL_VERSION, Frame, encode_frame
-from .messages import (HELLO, HELLO_ACK_HEAD, SAFE_STATE_ALLOWED, WATCHDOG_ALARM, CommandFate,
-                       CommandId, ErrorCode, GainMode, MsgType, pack_state, REPLY_HEAD)
+from .messages import (REPLY_HEAD, SAFE_STATE_ALLOWED, WATCHDOG_ALARM, CommandFate, CommandId,
+                       ErrorCode, GainMode, MsgType, pack_hello_ack, pack_state, unpack_hello)
 
 DEDUP_SIZE = 16
+MAX_SESSIONS = 4
 DEFAULT_WATCHDOG_MS = 1000
 MIN_WATCHDOG_MS = 50
 MAX_WATCHDOG_MS = 10000
@@ -107,8 +108,18 @@ class Instrument:
 AppliedHook = Callable[[int, int, str, dict], None]
 
 
+class SessionHistory:
+    """What the device remembers of one host session: highest seq and stored answers."""
+
+    __slots__ = ("highest_seq", "dedup")
+
+    def __init__(self, floor: int = 0) -> None:
+        self.highest_seq = floor
+        self.dedup: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+
+
 class DeviceCore:
-    """Protocol state machine of the device (session, dedup table, watchdog).
+    """Protocol state machine of the device (sessions, dedup tables, watchdog).
 
     Parameters
     ----------
@@ -116,26 +127,42 @@ class DeviceCore:
         Called as ``on_applied(session, seq, command_name, args)`` for every
         command actually applied (never for a duplicate).
     boot_id : int, optional
-        Random by default; reported in every state block.
+        Random non-zero id by default; reported in every state block.
     name : str
         Firmware name reported in HELLO_ACK.
+    device_id : str, optional
+        Unique device id (serial number) reported in HELLO_ACK; stable across
+        restarts of the same device. Random (``emu-XXXXXXXX``) by default.
     """
 
     def __init__(self, on_applied: AppliedHook | None = None, boot_id: int | None = None,
-                 name: str = "python-emulator") -> None:
+                 name: str = "python-emulator", device_id: str | None = None) -> None:
         self.instrument = Instrument()
         self.on_applied = on_applied
-        self.boot_id = secrets.randbits(32) if boot_id is None else boot_id
+        self.boot_id = (secrets.randbits(32) or 1) if boot_id is None else boot_id
         self.name = name
-        self.session = 0                   # 0 = no host has said hello yet
-        self.highest_seq = 0
-        self.dedup: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        self.device_id = f"emu-{secrets.token_hex(4)}" if device_id is None else device_id
+        self.session = 0                   # active session; 0 = no host has said hello yet
+        # Histories of the last MAX_SESSIONS sessions (LRU): a takeover by another
+        # host must not make the device forget what it applied for this one.
+        self.sessions: OrderedDict[int, SessionHistory] = OrderedDict()
         self.watchdog_ms = DEFAULT_WATCHDOG_MS
         self.last_hb_ms: float | None = None
         self.hb_since_safe = False
         self.safe = False
         self.applied_count = 0
         self.now_ms = 0.0
+        self.bad_version_frames = 0
+
+    @property
+    def highest_seq(self) -> int:
+        h = self.sessions.get(self.session)
+        return h.highest_seq if h else 0
+
+    @property
+    def dedup(self) -> OrderedDict:
+        h = self.sessions.get(self.session)
+        return h.dedup if h else OrderedDict()
 
     # -- state -------------------------------------------------------------
     def state_bytes(self) -> bytes:
@@ -171,20 +198,30 @@ class DeviceCore:
         """Handle one CRC-valid frame; return encoded frames to send back."""
         out = self.tick(now_ms)
         if f.version != PROTOCOL_VERSION:
+            self.bad_version_frames += 1
             out.append(self._nack(f, ErrorCode.BAD_VERSION))
             return out
         t = f.msg_type
         if t == MsgType.HELLO:
-            req = HELLO.unpack_from(f.payload)[0] if len(f.payload) >= HELLO.size else 0
-            if f.session != self.session:
-                self.session, self.highest_seq = f.session, 0
-                self.dedup.clear()
+            if f.session == 0:  # reserved ("no host"): it would disarm the watchdog
+                return out
+            req, floor = unpack_hello(f.payload)
+            hist = self.sessions.get(f.session)
+            if hist is None:
+                # Unknown session (new host, or history evicted): nothing at or below
+                # the host's floor may ever be applied, so a command the host may have
+                # sent before is never executed by a device that cannot vouch for it.
+                hist = self.sessions[f.session] = SessionHistory(floor)
+                while len(self.sessions) > MAX_SESSIONS:
+                    self.sessions.popitem(last=False)
+            self.sessions.move_to_end(f.session)
+            self.session = f.session
             self.watchdog_ms = (DEFAULT_WATCHDOG_MS if req == 0
                                 else min(MAX_WATCHDOG_MS, max(MIN_WATCHDOG_MS, req)))
             self._feed()
-            name = self.name.encode()[:32]
-            out.append(self._reply(MsgType.HELLO_ACK, f.seq, HELLO_ACK_HEAD.pack(
-                PROTOCOL_VERSION, DEDUP_SIZE, self.watchdog_ms) + self.state_bytes() + name))
+            out.append(self._reply(MsgType.HELLO_ACK, f.seq, pack_hello_ack(
+                dedup_size=DEDUP_SIZE, watchdog_ms=self.watchdog_ms, state=self.state_bytes(),
+                device_id=self.device_id, name=self.name)))
             return out
         if t not in (MsgType.HEARTBEAT, MsgType.COMMAND, MsgType.STATUS_QUERY):
             return out  # not for the device: ignore
@@ -195,20 +232,21 @@ class DeviceCore:
             self._feed()
             out.append(self._reply(MsgType.TELEMETRY, f.seq, self.state_bytes()))
             return out
-        stored = self.dedup.get(f.seq)
+        hist = self.sessions[self.session]
+        stored = hist.dedup.get(f.seq)
         if stored is not None:  # repeat or status query: the original answer, not re-applied
             out.append(self._reply(stored[0], f.seq, stored[1]))
             return out
         if t == MsgType.STATUS_QUERY:
-            fate = CommandFate.NOT_RECEIVED if f.seq > self.highest_seq else CommandFate.UNKNOWN
+            fate = CommandFate.NOT_RECEIVED if f.seq > hist.highest_seq else CommandFate.UNKNOWN
             out.append(self._reply(MsgType.STATUS, f.seq, bytes([fate]) + self.state_bytes()))
             return out
         # COMMAND
         cid = f.payload[0] if f.payload else 0
-        if f.seq <= self.highest_seq:  # old and evicted: never apply out of order
+        if f.seq <= hist.highest_seq:  # old, evicted or below the floor: never apply
             out.append(self._nack(f, ErrorCode.STALE_SEQ, cid))
             return out
-        self.highest_seq = f.seq
+        hist.highest_seq = f.seq
         code, args = self._execute(cid, f.payload[1:])
         if code == ErrorCode.OK:
             self.applied_count += 1
@@ -217,9 +255,9 @@ class DeviceCore:
                 self.on_applied(f.session, f.seq, name, args)
         mtype = MsgType.ACK if code == ErrorCode.OK else MsgType.NACK
         payload = REPLY_HEAD.pack(cid, code) + self.state_bytes()
-        self.dedup[f.seq] = (mtype, payload)
-        while len(self.dedup) > DEDUP_SIZE:
-            self.dedup.popitem(last=False)
+        hist.dedup[f.seq] = (mtype, payload)
+        while len(hist.dedup) > DEDUP_SIZE:
+            hist.dedup.popitem(last=False)
         out.append(self._reply(mtype, f.seq, payload))
         return out
 

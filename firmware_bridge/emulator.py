@@ -8,9 +8,11 @@ CLI::
 
     python -m firmware_bridge.emulator PORT [--corrupt P] [--drop P] [--duplicate P]
         [--delay S] [--silent-after N] [--applied-log FILE] [--link PATH] [--seed N]
+        [--device-id ID]
 
 ``PORT`` is a serial device path / pyserial URL, or ``pty`` to create a
-pseudo-terminal and print the path the host should open.
+pseudo-terminal and print the path the host should open. Signals (as the C
+firmware): SIGUSR1 unplug, SIGUSR2 replug, SIGHUP reboot, SIGTERM exit.
 
 In-process (tests, pipeline demo)::
 
@@ -38,7 +40,7 @@ from typing import Any
 from cobs import cobs
 
 from .device import DeviceCore
-from .framing import decode_raw
+from .framing import MAX_ENCODED, decode_raw
 
 
 @dataclass
@@ -72,6 +74,7 @@ class FaultCounters:
     duplicated_in: int = 0
     duplicated_out: int = 0
     bad_frames_in: int = 0
+    oversize_in: int = 0
 
 
 class _PtyEndpoint:
@@ -135,31 +138,63 @@ class _PtyEndpoint:
 
 
 class _SerialEndpoint:
-    """A real serial port opened with pyserial (CLI with a device path)."""
+    """A real serial port opened with pyserial (CLI with a device path).
+
+    A hang-up (cable pulled, host side closed, EIO) closes the port, says so
+    on stderr, and the emulator reopens the same path every
+    :data:`REOPEN_INTERVAL` seconds until it is back: never a silent dead
+    thread, never a busy loop.
+    """
+
+    auto_reopen = True
 
     def __init__(self, port: str) -> None:
-        import serial
-        self.port = port
-        self.ser = serial.serial_for_url(port, baudrate=115200, timeout=0)
-        self.link_path = port
-        self.slave_path = port
+        self.port = self.link_path = self.slave_path = port
+        self.ser: Any = None
+        self.plug()  # the first open fails loudly (the CLI reports it)
 
-    plugged = True
+    @property
+    def plugged(self) -> bool:
+        return self.ser is not None
 
     def fileno(self) -> int:
         return self.ser.fileno()
 
     def read(self) -> bytes:
-        return self.ser.read(4096)
+        import serial
+        try:
+            return self.ser.read(4096)
+        except (serial.SerialException, OSError, TypeError, AttributeError) as exc:
+            self._lost(exc)
+            return b""
 
     def write(self, data: bytes) -> None:
-        self.ser.write(data)
+        import serial
+        try:
+            self.ser.write(data)
+        except (serial.SerialException, OSError, TypeError, AttributeError) as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: Exception) -> None:
+        print(f"emulator: serial port {self.port} lost ({exc}); reopening every "
+              f"{REOPEN_INTERVAL} s", file=sys.stderr, flush=True)
+        self.unplug()
 
     def unplug(self) -> None:
-        self.ser.close()
+        ser, self.ser = self.ser, None
+        if ser is not None:
+            try:
+                ser.close()
+            except Exception:  # noqa: BLE001 - closing a vanished port may fail any way
+                pass
 
-    def plug(self) -> None:  # pragma: no cover - real hardware only
-        self.ser.open()
+    def plug(self) -> None:
+        import serial
+        self.ser = serial.serial_for_url(self.port, baudrate=115200, timeout=0)
+
+
+#: Seconds between attempts to reopen a serial port that hung up.
+REOPEN_INTERVAL = 0.2
 
 
 class EmulatorHandle:
@@ -176,7 +211,7 @@ class EmulatorHandle:
     """
 
     def __init__(self, endpoint: Any, faults: Faults, applied_log: str | None = None,
-                 name: str = "python-emulator") -> None:
+                 name: str = "python-emulator", device_id: str | None = None) -> None:
         self.faults = faults
         self.counters = FaultCounters()
         self._rng = random.Random(faults.seed)
@@ -184,13 +219,16 @@ class EmulatorHandle:
         self._lock = threading.Lock()
         self._applied: list[dict] = []
         self._log = open(applied_log, "a", encoding="utf-8") if applied_log else None
-        self.core = DeviceCore(on_applied=self._on_applied, name=name)
+        self.core = DeviceCore(on_applied=self._on_applied, name=name, device_id=device_id)
         self.silent = False        # stop answering (and stop processing) frames
         self.mute_replies = False  # process frames but lose every answer
         self._rx = bytearray()
         self._wake_r, self._wake_w = os.pipe()
         self._requests: list[tuple[str, threading.Event]] = []
         self._stop = False
+        #: Set if the emulator thread stopped on an unexpected error (``error`` says which).
+        self.dead = threading.Event()
+        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="emulator", daemon=True)
         self._thread.start()
 
@@ -233,6 +271,21 @@ class EmulatorHandle:
         """Simulate plugging back in: new pty behind the same port path."""
         self._request("replug")
 
+    @property
+    def device_id(self) -> str:
+        """Device id (serial number) reported in HELLO_ACK; survives :meth:`reboot`."""
+        return self.core.device_id
+
+    def reboot(self, boot_id: int | None = None) -> None:
+        """Simulate a device restart: new boot id, boot-time instrument state, no sessions.
+
+        The device id and the port stay the same.
+        """
+        with self._lock:
+            self.core = DeviceCore(on_applied=self._on_applied, boot_id=boot_id,
+                                   name=self.core.name, device_id=self.core.device_id)
+            self._rx.clear()
+
     def stop(self) -> None:
         """Stop the emulator thread, close the port and the applied log."""
         if self._stop:
@@ -271,8 +324,27 @@ class EmulatorHandle:
             self._log.flush()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - report, never die silently
+            self.error = exc
+            print(f"emulator: stopped by an internal error: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            self.dead.set()
+
+    def _loop(self) -> None:
+        next_reopen = 0.0
         while not self._stop:
             ep = self._endpoint
+            if not ep.plugged and getattr(ep, "auto_reopen", False) \
+                    and time.monotonic() >= next_reopen:
+                next_reopen = time.monotonic() + REOPEN_INTERVAL
+                try:
+                    ep.plug()
+                    self._rx.clear()
+                    print(f"emulator: serial port {ep.port} reopened", file=sys.stderr, flush=True)
+                except Exception:  # noqa: BLE001 - still gone: try again later
+                    pass
             fds = [self._wake_r] + ([ep.fileno()] if ep.plugged else [])
             try:
                 r, _, _ = select.select(fds, [], [], 0.01)
@@ -319,6 +391,9 @@ class EmulatorHandle:
             if not chunk:
                 continue
             c.frames_in += 1
+            if len(chunk) > MAX_ENCODED:  # longer than the protocol allows: never answered
+                c.oversize_in += 1
+                continue
             if f.silent_after is not None and c.frames_in > f.silent_after:
                 self.silent = True
             if f.drop and rng.random() < f.drop:
@@ -373,7 +448,8 @@ def _flip_bit(data: bytes, rng: random.Random) -> bytes:
 def start_pty_emulator(*, corrupt: float = 0.0, drop: float = 0.0, duplicate: float = 0.0,
                        delay: float = 0.0, silent_after: int | None = None,
                        applied_log: str | None = None, link_path: str | None = None,
-                       seed: int | None = None, name: str = "python-emulator") -> EmulatorHandle:
+                       seed: int | None = None, name: str = "python-emulator",
+                       device_id: str | None = None) -> EmulatorHandle:
     """Start an emulator on a new pty in a background thread.
 
     Parameters
@@ -390,6 +466,12 @@ def start_pty_emulator(*, corrupt: float = 0.0, drop: float = 0.0, duplicate: fl
         Symlink path to publish the pty under (default: in a new temp dir).
     seed : int, optional
         Seed of the fault RNG (reproducible runs).
+    name : str
+        Firmware name reported in HELLO_ACK.
+    device_id : str, optional
+        Device id (serial number, at most 24 UTF-8 bytes) reported in HELLO_ACK.
+        Random (``emu-XXXXXXXX``) by default: a new emulator is a different device.
+        Pass the same id to emulate a restart of the same device.
 
     Returns
     -------
@@ -400,7 +482,7 @@ def start_pty_emulator(*, corrupt: float = 0.0, drop: float = 0.0, duplicate: fl
     ep = _PtyEndpoint(link_path)
     ep.plug()
     return EmulatorHandle(ep, Faults(corrupt, drop, duplicate, delay, silent_after, seed),
-                          applied_log, name)
+                          applied_log, name, device_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--applied-log", default=None, help="JSON Lines log of applied commands")
     p.add_argument("--link", default=None, help="symlink path for the pty (pty mode)")
     p.add_argument("--seed", type=int, default=None, help="fault RNG seed")
+    p.add_argument("--device-id", default=None,
+                   help="device id (serial) in HELLO_ACK, <= 24 UTF-8 bytes (default: random)")
     a = p.parse_args(argv)
+    if a.device_id is not None and not 0 < len(a.device_id.encode("utf-8", "replace")) <= 24:
+        p.error("--device-id must be 1 to 24 UTF-8 bytes")
     try:
         faults = Faults(a.corrupt, a.drop, a.duplicate, a.delay, a.silent_after, a.seed)
     except ValueError as exc:
@@ -423,22 +509,28 @@ def main(argv: list[str] | None = None) -> int:
     if a.port == "pty":
         emu = start_pty_emulator(corrupt=a.corrupt, drop=a.drop, duplicate=a.duplicate,
                                  delay=a.delay, silent_after=a.silent_after,
-                                 applied_log=a.applied_log, link_path=a.link, seed=a.seed)
+                                 applied_log=a.applied_log, link_path=a.link, seed=a.seed,
+                                 device_id=a.device_id)
     else:
         try:
             ep = _SerialEndpoint(a.port)
         except Exception as exc:  # noqa: BLE001 - report any open failure clearly
             print(f"error: cannot open {a.port}: {exc}", file=sys.stderr)
             return 2
-        emu = EmulatorHandle(ep, faults, a.applied_log)
+        emu = EmulatorHandle(ep, faults, a.applied_log, device_id=a.device_id)
     print(emu.port, flush=True)
-    print(f"emulator ready on {emu.port} (tty {emu.device_path}); Ctrl-C to stop",
-          file=sys.stderr, flush=True)
+    print(f"emulator ready on {emu.port} (tty {emu.device_path}, device id {emu.device_id}); "
+          f"Ctrl-C to stop", file=sys.stderr, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Same signals as the C firmware's host program (soak and tests drive both alike).
+    signal.signal(signal.SIGUSR1, lambda *_: emu.unplug())
+    signal.signal(signal.SIGUSR2, lambda *_: emu.replug())
+    signal.signal(signal.SIGHUP, lambda *_: emu.reboot())
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            if emu.dead.is_set():  # the thread reported why on stderr
+                return 1
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,8 +11,9 @@ has its own branch so callers can catch exactly what they care about::
     ├── BridgeClosed             the bridge was closed
     ├── TransportError           serial port layer
     │   └── PortUnavailable      port missing, vanished, or busy
-    ├── ProtocolError            framing / handshake layer
+    ├── ProtocolError            framing / handshake layer (also: link thread failed)
     │   └── HandshakeError
+    │       └── DeviceMismatch   another device answers behind the same port
     └── ChannelError             reliable channel: outcome of a send
         ├── CommandRejected      device answered with a NACK (``.code``)
         │   └── SafeStateActive  rejected because the device is in safe state
@@ -75,6 +76,23 @@ class ProtocolError(BridgeError):
 
 class HandshakeError(ProtocolError):
     """The handshake failed (e.g. protocol version mismatch)."""
+
+
+class DeviceMismatch(HandshakeError):
+    """A device with another id than the one this bridge is bound to answered the handshake.
+
+    The bridge stops talking to the port; create a new bridge to drive the other device.
+
+    Attributes
+    ----------
+    expected, found : str
+        Device ids (serial numbers) of the bound and of the answering device.
+    """
+
+    def __init__(self, message: str, *, expected: str = "", found: str = "") -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.found = found
 
 
 class ChannelError(BridgeError):
@@ -145,4 +163,11 @@ class DeviceUnreachable(DeadlineExceeded, PortUnavailable):
 
 
 class OutcomeUnknown(CommandFailed):
-    """The device restarted or forgot the command; it may or may not have been applied."""
+    """The device cannot vouch for the command: it may or may not have been applied.
+
+    Raised, never retried, when the device restarted while the command was in
+    flight, when it no longer knows the command's session (another host took
+    over the port and its history was pushed out), when it evicted the stored
+    answer, or when the link failed for good while the command was in flight.
+    ``applied`` is ``None``. Check the device state before deciding to resend.
+    """

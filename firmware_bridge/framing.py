@@ -84,8 +84,8 @@ def encode_frame(msg_type: int, session: int, seq: int, payload: bytes = b"",
 
 def decode_raw(raw: bytes) -> Frame | None:
     """Check the CRC of a raw frame and parse it; ``None`` if invalid."""
-    if len(raw) < HEADER_LEN + CRC_LEN:
-        return None
+    if not HEADER_LEN + CRC_LEN <= len(raw) <= MAX_RAW:
+        return None  # too short, or longer than any frame the protocol allows
     body, crc = raw[:-CRC_LEN], _CRC.unpack(raw[-CRC_LEN:])[0]
     if crc16(body) != crc:
         return None

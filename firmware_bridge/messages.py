@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 class MsgType(enum.IntEnum):
     """Frame ``msg_type`` byte."""
 
-    HELLO = 0x01          # host -> dev: payload u16 watchdog_ms (0 = device default)
-    HELLO_ACK = 0x02      # dev -> host: u8 proto, u8 dedup_size, u16 watchdog_ms, state, name
+    HELLO = 0x01          # host -> dev: u16 watchdog_ms (0 = device default), u32 seq floor
+    HELLO_ACK = 0x02      # dev -> host: u8 proto, u8 dedup_size, u16 watchdog_ms, state,
+    #                       u8 id_len, device id, name
     COMMAND = 0x10        # host -> dev: u8 command id, args
     ACK = 0x11            # dev -> host: u8 command id, u8 result (0), state
     NACK = 0x12           # dev -> host: u8 command id, u8 error code, state
@@ -77,8 +78,13 @@ FLAG_ALARM = 0x04
 
 STATE = struct.Struct("<BBBBIiiHHII")
 STATE_LEN = STATE.size  # 28
-HELLO = struct.Struct("<H")
+#: HELLO payload: requested watchdog ms, seq floor (highest seq the host may already have
+#: sent in this session; a device that does not know the session never applies a seq <= it).
+HELLO = struct.Struct("<HI")
 HELLO_ACK_HEAD = struct.Struct("<BBH")
+#: Longest device id (unique serial, stable across reboots) and name in HELLO_ACK, bytes.
+DEVICE_ID_MAX = 24
+NAME_MAX = 32
 REPLY_HEAD = struct.Struct("<BB")
 
 
@@ -125,6 +131,24 @@ class DeviceState:
         return asdict(self)
 
 
+def pack_hello_ack(*, dedup_size: int, watchdog_ms: int, state: bytes, device_id: str,
+                   name: str, proto: int = 1) -> bytes:
+    """HELLO_ACK payload (device side); id and name are cut to their maximum lengths."""
+    did = _cut_utf8(device_id, DEVICE_ID_MAX)
+    return (HELLO_ACK_HEAD.pack(proto, dedup_size, watchdog_ms) + state + bytes([len(did)])
+            + did + _cut_utf8(name, NAME_MAX))
+
+
+def _cut_utf8(text: str, limit: int) -> bytes:
+    return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def unpack_hello(payload: bytes) -> tuple[int, int]:
+    """``(watchdog_ms, seq_floor)`` of a HELLO payload; missing fields read as 0."""
+    padded = (bytes(payload) + bytes(HELLO.size))[:HELLO.size]
+    return HELLO.unpack(padded)
+
+
 def pack_state(*, shutter_open: bool, safe_state: bool, alarm_active: bool, attenuation: int,
                gain: int, exposure_us: int, beam_x_nm: int, beam_y_nm: int, alarm_code: int,
                heartbeat_age_ms: int, applied_count: int, boot_id: int) -> bytes:
@@ -165,6 +189,7 @@ class Reply:
     dedup_size: int = 0
     watchdog_ms: int = 0
     name: str = ""
+    device_id: str = ""
 
 
 def parse_reply(msg_type: int, session: int, seq: int, payload: bytes) -> Reply | None:
@@ -180,9 +205,14 @@ def parse_reply(msg_type: int, session: int, seq: int, payload: bytes) -> Reply 
         if msg_type == MsgType.HELLO_ACK:
             proto, dedup, wd = HELLO_ACK_HEAD.unpack_from(payload)
             state = unpack_state(payload, HELLO_ACK_HEAD.size)
-            name = payload[HELLO_ACK_HEAD.size + STATE_LEN:].decode("utf-8", "replace")
+            at = HELLO_ACK_HEAD.size + STATE_LEN
+            id_len = payload[at]
+            if id_len > DEVICE_ID_MAX or at + 1 + id_len > len(payload):
+                return None
+            device_id = payload[at + 1:at + 1 + id_len].decode("utf-8", "replace")
+            name = payload[at + 1 + id_len:].decode("utf-8", "replace")
             return Reply(msg_type, seq, session, state=state, proto=proto, dedup_size=dedup,
-                         watchdog_ms=wd, name=name)
+                         watchdog_ms=wd, name=name, device_id=device_id)
     except (struct.error, IndexError, ValueError):
         return None
     return None

@@ -12,33 +12,8 @@ import time
 import pytest
 
 import firmware_bridge as fb
-from bridge_helpers import (FAST_LIMITS, CDevice, PyDevice, build_firmware, check_exactly_once,
-                            compiler, wait_until)
-
-
-@pytest.fixture(scope="session")
-def firmware_exe(tmp_path_factory):
-    if compiler() is None:
-        pytest.skip("no C compiler (cc/gcc/clang) found: cannot build the reference firmware")
-    return build_firmware(tmp_path_factory.mktemp("fw"))
-
-
-@pytest.fixture(params=["python-emulator", "c-firmware"])
-def make_device(request, tmp_path):
-    devices = []
-
-    def make(**faults):
-        if request.param == "python-emulator":
-            dev = PyDevice(tmp_path, **faults)
-        else:
-            dev = CDevice(tmp_path, request.getfixturevalue("firmware_exe"), **faults)
-        devices.append(dev)
-        return dev
-
-    make.kind = request.param
-    yield make
-    for d in devices:
-        d.stop()
+from bridge_helpers import (FAST_LIMITS, check_exactly_once, firmware_exe,  # noqa: F401
+                            make_device, wait_until)
 
 
 def connect(dev, **opts):

@@ -9,7 +9,6 @@ import threading
 import pytest
 
 import firmware_bridge as fb
-from firmware_bridge.device import DeviceCore
 from firmware_bridge.emulator import start_pty_emulator
 from bridge_helpers import FAST_LIMITS, check_exactly_once, read_log, wait_until
 
@@ -73,8 +72,7 @@ def test_device_restart_mid_command_is_outcome_unknown(emu):
         emu.mute_replies = True
         t, box = _send_in_thread(bridge)
         wait_until(lambda: len(emu.applied) == 1, what="command applied")
-        with emu._lock:  # simulated reboot: fresh core, new boot id, no session
-            emu.core = DeviceCore(on_applied=emu._on_applied)
+        emu.reboot()  # fresh core, new boot id, no session, same device id
         emu.mute_replies = False
         t.join(10)
         exc = box["exc"]

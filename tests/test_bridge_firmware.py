@@ -34,9 +34,13 @@ def test_soak_smoke(tmp_path, device):
     out = tmp_path / "soak.json"
     r = subprocess.run([sys.executable, "-m", "firmware_bridge.soak", "--commands", "400",
                         "--corrupt", "0.02", "--drop", "0.02", "--duplicate", "0.02",
-                        "--replugs", "1", "--unplug-time", "0.05", "--device", device,
-                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+                        "--replugs", "1", "--unplug-time", "0.05", "--takeovers", "1",
+                        "--takeover-commands", "10", "--restarts", "1", "--device", device,
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert res["applied_twice"] == 0 and res["acked_missing_from_log"] == 0
-    assert res["outcomes_reported"] == 400 and res["link"]["disconnects"] >= 1
+    assert res["outcomes_reported"] == 400 and res["link"]["disconnects"] >= 2
+    other = res["other_host"]  # the second session is accounted for too
+    assert other["sent"] == other["acked"] + other["rejected"] + other["failed"]
+    assert res["boots_seen"] >= 2  # the restart was seen (new boot id, same device id)

@@ -126,12 +126,14 @@ static void send_reply(bp_device *dev, uint8_t type, uint32_t session, uint32_t 
     send_frame(dev, type, session, seq, p, sizeof p);
 }
 
-void bp_init(bp_device *dev, const bp_callbacks *cb, uint32_t boot_id, const char *name)
+void bp_init(bp_device *dev, const bp_callbacks *cb, uint32_t boot_id, const char *name,
+             const char *device_id)
 {
     memset(dev, 0, sizeof *dev);
     dev->cb = *cb;
     dev->boot_id = boot_id;
     dev->name = name ? name : "c-firmware";
+    dev->device_id = device_id ? device_id : "";
     dev->watchdog_ms = BP_DEFAULT_WATCHDOG_MS;
 }
 
@@ -156,13 +158,50 @@ static void feed_watchdog(bp_device *dev)
     dev->hb_since_safe = 1;
 }
 
-static bp_dedup_entry *dedup_find(bp_device *dev, uint32_t seq)
+static bp_dedup_entry *dedup_find(bp_session *s, uint32_t seq)
 {
     unsigned i;
     for (i = 0; i < BP_DEDUP_SIZE; i++)
-        if (dev->dedup[i].valid && dev->dedup[i].seq == seq)
-            return &dev->dedup[i];
+        if (s->dedup[i].valid && s->dedup[i].seq == seq)
+            return &s->dedup[i];
     return NULL;
+}
+
+/* History of `session`; an unknown session takes a free or the least recently
+ * used slot and starts at the host's seq floor: a seq the host may have sent
+ * before is never applied by a device that does not remember it. */
+static bp_session *session_attach(bp_device *dev, uint32_t session, uint32_t floor)
+{
+    unsigned i;
+    bp_session *s = NULL;
+    for (i = 0; i < BP_SESSIONS; i++)
+        if (dev->sessions[i].session == session)
+            s = &dev->sessions[i];
+    if (!s) {
+        s = &dev->sessions[0];
+        for (i = 0; i < BP_SESSIONS; i++) {
+            bp_session *c = &dev->sessions[i];
+            if (c->session == 0) { s = c; break; }
+            if (c->last_used < s->last_used) s = c;
+        }
+        memset(s, 0, sizeof *s);
+        s->session = session;
+        s->highest_seq = floor;
+    }
+    s->last_used = ++dev->use_counter;
+    return s;
+}
+
+static size_t cut_utf8(const char *t, size_t limit)
+{
+    /* length of t cut to `limit` bytes without splitting a UTF-8 sequence */
+    size_t n = strlen(t);
+    if (n <= limit)
+        return n;
+    n = limit;
+    while (n > 0 && ((uint8_t)t[n] & 0xC0u) == 0x80u)
+        n--;
+    return n;
 }
 
 static uint8_t execute(bp_device *dev, uint8_t cmd, const uint8_t *args, uint8_t len)
@@ -203,37 +242,39 @@ static void handle_frame(bp_device *dev, const uint8_t *raw, size_t n)
     session = get_u32(raw + 2);
     seq = get_u32(raw + 6);
     if (raw[0] != BP_PROTOCOL_VERSION) {
+        dev->counters.bad_version++;
         send_reply(dev, BP_MSG_NACK, session, seq, 0, BP_ERR_BAD_VERSION);
         return;
     }
     if (type == BP_MSG_HELLO) {
-        uint8_t p[4 + BP_STATE_LEN + 32];
-        size_t nl = strlen(dev->name);
+        uint8_t p[4 + BP_STATE_LEN + 1 + BP_DEVICE_ID_MAX + BP_NAME_MAX];
+        size_t nl = cut_utf8(dev->name, BP_NAME_MAX);
+        size_t il = cut_utf8(dev->device_id, BP_DEVICE_ID_MAX);
         uint16_t req = plen >= 2 ? (uint16_t)(payload[0] | (payload[1] << 8)) : 0;
-        if (session != dev->session) {
-            dev->session = session;
-            dev->highest_seq = 0;
-            memset(dev->dedup, 0, sizeof dev->dedup);
-        }
+        uint32_t floor = plen >= 6 ? get_u32(payload + 2) : 0;
+        if (session == 0)
+            return; /* reserved ("no host"): it would disarm the watchdog */
+        dev->active = session_attach(dev, session, floor);
+        dev->session = session;
         if (req == 0)
             dev->watchdog_ms = BP_DEFAULT_WATCHDOG_MS;
         else
             dev->watchdog_ms = req < BP_MIN_WATCHDOG_MS ? BP_MIN_WATCHDOG_MS
                              : req > BP_MAX_WATCHDOG_MS ? BP_MAX_WATCHDOG_MS : req;
         feed_watchdog(dev);
-        if (nl > 32)
-            nl = 32;
         p[0] = BP_PROTOCOL_VERSION;
         p[1] = (uint8_t)BP_DEDUP_SIZE;
         put_u16(p + 2, dev->watchdog_ms);
         pack_state(dev, p + 4);
-        memcpy(p + 4 + BP_STATE_LEN, dev->name, nl);
-        send_frame(dev, BP_MSG_HELLO_ACK, dev->session, seq, p, 4 + BP_STATE_LEN + nl);
+        p[4 + BP_STATE_LEN] = (uint8_t)il;
+        memcpy(p + 5 + BP_STATE_LEN, dev->device_id, il);
+        memcpy(p + 5 + BP_STATE_LEN + il, dev->name, nl);
+        send_frame(dev, BP_MSG_HELLO_ACK, dev->session, seq, p, 5 + BP_STATE_LEN + il + nl);
         return;
     }
     if (type != BP_MSG_HEARTBEAT && type != BP_MSG_COMMAND && type != BP_MSG_STATUS_QUERY)
         return; /* not addressed to the device */
-    if (dev->session == 0 || session != dev->session) {
+    if (dev->session == 0 || session != dev->session || !dev->active) {
         dev->counters.bad_session++;
         send_reply(dev, BP_MSG_NACK, session, seq, cmd, BP_ERR_BAD_SESSION);
         return;
@@ -245,7 +286,7 @@ static void handle_frame(bp_device *dev, const uint8_t *raw, size_t n)
         send_frame(dev, BP_MSG_TELEMETRY, session, seq, st, sizeof st);
         return;
     }
-    e = dedup_find(dev, seq);
+    e = dedup_find(dev->active, seq);
     if (e) { /* repeat or status query: the original answer, never re-applied */
         dev->counters.duplicates++;
         send_frame(dev, e->type, session, seq, e->payload, e->len);
@@ -253,22 +294,22 @@ static void handle_frame(bp_device *dev, const uint8_t *raw, size_t n)
     }
     if (type == BP_MSG_STATUS_QUERY) {
         uint8_t p[1 + BP_STATE_LEN];
-        p[0] = seq > dev->highest_seq ? BP_FATE_NOT_RECEIVED : BP_FATE_UNKNOWN;
+        p[0] = seq > dev->active->highest_seq ? BP_FATE_NOT_RECEIVED : BP_FATE_UNKNOWN;
         pack_state(dev, p + 1);
         send_frame(dev, BP_MSG_STATUS, session, seq, p, sizeof p);
         return;
     }
-    if (seq <= dev->highest_seq) { /* old and evicted: never apply out of order */
+    if (seq <= dev->active->highest_seq) { /* old, evicted or below the floor: never apply */
         send_reply(dev, BP_MSG_NACK, session, seq, cmd, BP_ERR_STALE_SEQ);
         return;
     }
-    dev->highest_seq = seq;
+    dev->active->highest_seq = seq;
     {
         uint8_t code = plen ? execute(dev, cmd, payload + 1, (uint8_t)(plen - 1))
                             : BP_ERR_UNKNOWN_COMMAND;
         uint8_t mtype = code == BP_OK ? BP_MSG_ACK : BP_MSG_NACK;
-        e = &dev->dedup[dev->dedup_next];
-        dev->dedup_next = (dev->dedup_next + 1u) % BP_DEDUP_SIZE;
+        e = &dev->active->dedup[dev->active->dedup_next];
+        dev->active->dedup_next = (dev->active->dedup_next + 1u) % BP_DEDUP_SIZE;
         if (code == BP_OK) {
             dev->applied_count++;
             if (dev->cb.applied)

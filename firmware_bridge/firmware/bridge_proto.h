@@ -23,6 +23,13 @@
 #ifndef BP_DEDUP_SIZE
 #define BP_DEDUP_SIZE 16u
 #endif
+/* Host sessions whose history (highest seq + stored answers) the device keeps:
+ * a takeover by another host must not make it forget what it applied. */
+#ifndef BP_SESSIONS
+#define BP_SESSIONS 4u
+#endif
+#define BP_DEVICE_ID_MAX 24u
+#define BP_NAME_MAX 32u
 #define BP_DEFAULT_WATCHDOG_MS 1000u
 #define BP_MIN_WATCHDOG_MS 50u
 #define BP_MAX_WATCHDOG_MS 10000u
@@ -88,15 +95,25 @@ typedef struct {
 } bp_dedup_entry;
 
 typedef struct {
-    uint32_t frames, cobs_errors, crc_errors, oversize, bad_session, duplicates;
+    uint32_t session;       /* 0 = free slot */
+    uint32_t highest_seq;   /* never apply a seq <= this */
+    uint32_t last_used;     /* LRU stamp */
+    unsigned dedup_next;
+    bp_dedup_entry dedup[BP_DEDUP_SIZE];
+} bp_session;
+
+typedef struct {
+    uint32_t frames, cobs_errors, crc_errors, oversize, bad_session, duplicates, bad_version;
 } bp_counters;
 
 typedef struct {
     bp_callbacks cb;
     uint32_t boot_id;
     const char *name;
-    uint32_t session;       /* 0 = no host yet */
-    uint32_t highest_seq;
+    const char *device_id;  /* unique, stable across reboots (serial number) */
+    uint32_t session;       /* active session; 0 = no host yet */
+    bp_session *active;     /* its history */
+    uint32_t use_counter;
     uint16_t watchdog_ms;
     uint32_t now_ms;
     uint32_t last_hb_ms;
@@ -107,12 +124,14 @@ typedef struct {
     uint8_t rx[BP_MAX_ENCODED];
     size_t rx_len;
     uint8_t rx_discard;
-    bp_dedup_entry dedup[BP_DEDUP_SIZE];
-    unsigned dedup_next;
+    bp_session sessions[BP_SESSIONS];
     bp_counters counters;
 } bp_device;
 
-void bp_init(bp_device *dev, const bp_callbacks *cb, uint32_t boot_id, const char *name);
+/* boot_id: random, non-zero, new at every boot. device_id: unique serial
+ * reported in HELLO_ACK (at most BP_DEVICE_ID_MAX bytes are sent). */
+void bp_init(bp_device *dev, const bp_callbacks *cb, uint32_t boot_id, const char *name,
+             const char *device_id);
 /* Feed received bytes (any chunking). now_ms: free-running millisecond clock. */
 void bp_feed(bp_device *dev, const uint8_t *data, size_t len, uint32_t now_ms);
 /* Call at least every few ms: runs the heartbeat watchdog. */

@@ -4,10 +4,15 @@
  *
  *   ./bridge_fw [pty|PATH] [--link PATH] [--applied-log FILE] [--corrupt P]
  *               [--drop P] [--duplicate P] [--seed N] [--silent-after N]
+ *               [--device-id ID]
  *
  * Prints the path the host should open on stdout. Signals: SIGUSR1 =
  * "unplug" (close the pty, remove --link), SIGUSR2 = "replug" (new pty behind
- * --link), SIGTERM/SIGINT = exit.
+ * --link), SIGHUP = "reboot" (new boot id, boot-time instrument state, no
+ * sessions; same device id and port), SIGTERM/SIGINT = exit.
+ *
+ * On a PATH (not a pty) a hang-up (POLLHUP, EOF, EIO) closes the line, says so
+ * on stderr and reopens the path every 200 ms: no busy loop.
  */
 #define _XOPEN_SOURCE 700
 #include "bridge_proto.h"
@@ -42,11 +47,12 @@ typedef struct {
     uint64_t rng;
 } app_t;
 
-static volatile sig_atomic_t g_unplug, g_replug, g_quit;
+static volatile sig_atomic_t g_unplug, g_replug, g_reboot, g_quit;
 static void on_signal(int sig)
 {
     if (sig == SIGUSR1) g_unplug = 1;
     else if (sig == SIGUSR2) g_replug = 1;
+    else if (sig == SIGHUP) g_reboot = 1;
     else g_quit = 1;
 }
 
@@ -131,14 +137,45 @@ static void app_resume(void *user) { ((app_t *)user)->ins.alarm_code = 0; }
 
 static void app_state(void *user, bp_instrument *out) { *out = ((app_t *)user)->ins; }
 
+/* One UTF-8 sequence at t (n > 0 bytes left): returns the bytes it spans and
+ * sets *ok. An invalid sequence spans its "maximal subpart" (Unicode 15,
+ * section 3.9), so each becomes one U+FFFD exactly as Python's "replace". */
+static unsigned utf8_step(const uint8_t *t, unsigned n, int *ok)
+{
+    unsigned len, i;
+    uint8_t lo = 0x80u, hi = 0xBFu;
+    *ok = 0;
+    if (t[0] < 0x80u) { *ok = 1; return 1; }
+    if (t[0] >= 0xC2u && t[0] <= 0xDFu) len = 2;
+    else if (t[0] >= 0xE0u && t[0] <= 0xEFu) len = 3;
+    else if (t[0] >= 0xF0u && t[0] <= 0xF4u) len = 4;
+    else return 1;
+    if (t[0] == 0xE0u) lo = 0xA0u;        /* no overlongs */
+    else if (t[0] == 0xEDu) hi = 0x9Fu;   /* no surrogates */
+    else if (t[0] == 0xF0u) lo = 0x90u;   /* no overlongs */
+    else if (t[0] == 0xF4u) hi = 0x8Fu;   /* <= U+10FFFF */
+    for (i = 1; i < len; i++) {
+        if (i >= n || t[i] < lo || t[i] > hi) return i;
+        lo = 0x80u; hi = 0xBFu;
+    }
+    *ok = 1;
+    return len;
+}
+
+/* JSON string; invalid UTF-8 becomes U+FFFD, control characters are escaped. */
 static void json_text(FILE *f, const uint8_t *t, unsigned n)
 {
-    unsigned i;
+    unsigned i = 0;
     fputc('"', f);
-    for (i = 0; i < n; i++) {
-        if (t[i] == '"' || t[i] == '\\') fprintf(f, "\\%c", t[i]);
-        else if (t[i] < 0x20) fprintf(f, "\\u%04x", t[i]);
+    while (i < n) {
+        int ok;
+        unsigned k = utf8_step(t + i, n - i, &ok);
+        if (!ok) fputs("\\ufffd", f);
+        else if (k > 1) fwrite(t + i, 1, k, f);
+        else if (t[i] == '"' || t[i] == '\\') fprintf(f, "\\%c", t[i]);
+        else if (t[i] < 0x20u || t[i] == 0x7Fu) fprintf(f, "\\u%04x", t[i]);
         else fputc(t[i], f);
+        i += k;
     }
     fputc('"', f);
 }
@@ -250,14 +287,41 @@ static void unplug(app_t *a)
     a->fd = a->slave_fd = -1;
 }
 
+/* (Re)boot: boot-time instrument state, fresh protocol core, new random boot id
+ * (from the clock, not the fault RNG, so --seed runs stay reproducible). */
+static void boot(app_t *app, bp_device *dev, const bp_callbacks *cb, const char *device_id)
+{
+    static uint32_t boots;
+    struct timespec ts;
+    uint64_t x;
+    memset(&app->ins, 0, sizeof app->ins);
+    app->ins.attenuation = ATT_MAX; /* boot state = safe values, see README */
+    app->ins.exposure_us = 100000u;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    x = ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 40) ^ ++boots;
+    x *= 0x9E3779B97F4A7C15ull;
+    x ^= x >> 29;
+    bp_init(dev, cb, (uint32_t)(x >> 32) ? (uint32_t)(x >> 32) : 1u, "c-firmware", device_id);
+}
+
+static int open_path(app_t *a, const char *port)
+{
+    a->fd = open(port, O_RDWR | O_NOCTTY | O_NONBLOCK);
+    if (a->fd < 0) return -1;
+    set_raw(a->fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static app_t app;
     static bp_device dev;
+    static char default_id[BP_DEVICE_ID_MAX + 1];
     bp_callbacks cb;
-    const char *port = "pty";
+    const char *port = "pty", *device_id = NULL;
     char path[256];
     int i, is_pty;
+    uint32_t next_reopen = 0;
     struct sigaction sa;
     uint8_t rx[4096], frame[BP_MAX_ENCODED + 2];
     size_t flen = 0;
@@ -282,18 +346,31 @@ int main(int argc, char **argv)
         else if (!strcmp(o, "--duplicate")) app.duplicate = atof(v);
         else if (!strcmp(o, "--seed")) app.rng = (uint64_t)strtoull(v, NULL, 10) * 2654435761u + 1u;
         else if (!strcmp(o, "--silent-after")) app.silent_after = atol(v);
+        else if (!strcmp(o, "--device-id")) {
+            if (!*v || strlen(v) > BP_DEVICE_ID_MAX) {
+                fprintf(stderr, "--device-id must be 1 to %u bytes\n", BP_DEVICE_ID_MAX);
+                return 2;
+            }
+            device_id = v;
+        }
         else { fprintf(stderr, "unknown option %s\n", o); return 2; }
     }
-    app.ins.attenuation = ATT_MAX; /* boot state = safe values, see README */
-    app.ins.exposure_us = 100000u;
+    if (!device_id) { /* a new process is a new device unless told otherwise */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        snprintf(default_id, sizeof default_id, "fw-%08lx",
+                 (unsigned long)(((uint32_t)ts.tv_nsec * 2654435761u) ^ (uint32_t)getpid()
+                                 ^ ((uint32_t)ts.tv_sec << 20)));
+        device_id = default_id;
+    }
 
     cb.apply = app_apply; cb.applied = app_applied; cb.enter_safe_state = app_safe;
     cb.resume = app_resume; cb.get_state = app_state; cb.write = app_write; cb.user = &app;
-    bp_init(&dev, &cb, (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16), "c-firmware");
+    boot(&app, &dev, &cb, device_id);
 
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
-    sigaction(SIGUSR1, &sa, NULL); sigaction(SIGUSR2, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL); sigaction(SIGUSR2, &sa, NULL); sigaction(SIGHUP, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL); sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -301,9 +378,7 @@ int main(int argc, char **argv)
     if (is_pty) {
         if (plug(&app, path, sizeof path) != 0) { perror("pty"); return 1; }
     } else {
-        app.fd = open(port, O_RDWR | O_NOCTTY | O_NONBLOCK);
-        if (app.fd < 0) { perror(port); return 1; }
-        set_raw(app.fd);
+        if (open_path(&app, port) != 0) { perror(port); return 1; }
         snprintf(path, sizeof path, "%s", port);
     }
     printf("%s\n", app.link ? app.link : path);
@@ -318,11 +393,39 @@ int main(int argc, char **argv)
             if (is_pty && app.fd < 0 && plug(&app, path, sizeof path) != 0) { perror("replug"); return 1; }
             flen = 0; discard = 0;
         }
+        if (g_reboot) {
+            g_reboot = 0;
+            boot(&app, &dev, &cb, device_id);
+            flen = 0; discard = 0;
+        }
+        if (!is_pty && app.fd < 0 && (int32_t)(now_ms() - next_reopen) >= 0) {
+            next_reopen = now_ms() + 200u;
+            if (open_path(&app, port) == 0) {
+                fprintf(stderr, "bridge_fw: %s reopened\n", port);
+                flen = 0; discard = 0;
+            }
+        }
         p.fd = app.fd; p.events = POLLIN; p.revents = 0;
         r = poll(&p, app.fd >= 0 ? 1 : 0, 5);
-        if (r > 0 && (p.revents & POLLIN)) {
+        if (r > 0 && app.fd >= 0 && (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) {
             ssize_t n = read(app.fd, rx, sizeof rx);
             ssize_t k;
+            if (n < 0 && (errno == EAGAIN || errno == EINTR)) n = 0;
+            else if (n <= 0) {
+                /* EOF / EIO / hang-up: without this the poll above returns at once
+                 * forever (100 % CPU). A pty we own never hangs up (we hold the slave). */
+                if (!is_pty) {
+                    fprintf(stderr, "bridge_fw: %s hung up (%s); reopening every 200 ms\n", port,
+                            n == 0 ? "end of file" : strerror(errno));
+                    close(app.fd);
+                    app.fd = -1;
+                    next_reopen = now_ms() + 200u;
+                } else {
+                    struct timespec ts = {0, 5000000L};
+                    nanosleep(&ts, NULL);
+                }
+                n = 0;
+            }
             for (k = 0; k < n; k++) {
                 /* Split frames here only to inject faults per frame; the core
                  * itself accepts any chunking. */
