@@ -10,17 +10,17 @@ model), ``edge.policy`` (correction rules), ``edge.pipeline`` (real-time loop),
 
 import os as _os
 
-# How long Numba's OpenMP workers spin after a parallel kernel before they
-# sleep (GOMP_SPINCOUNT, default 300000). A frame runs several kernels with
-# a little Python between them, and a worker that has gone to sleep
-# sometimes takes a scheduler tick to come back. Measured on 2 cores, 1000
-# 1M frames at 50 Hz through the whole pipeline: frame-in -> processed p99
-# 19.5 ms at the default vs 5.0 ms at 1000000 (p50 3.8 ms either way). At
-# 1000000 the workers keep spinning while frames stream (a core stays busy)
-# and sleep when the stream stops. OMP_WAIT_POLICY=PASSIVE (never spin) was
-# worse still (p50 5.6 ms). Set before the first parallel kernel loads the
-# OpenMP runtime; the user's own setting wins.
-_os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
+# Numba's OpenMP workers sleep as soon as a parallel kernel ends instead of
+# spinning (GOMP_SPINCOUNT; libgomp's default is 300000 spins). Spinning
+# only pays on an idle machine: beside other busy processes a spinning
+# worker burns the time slice its descheduled team mate needs, and the
+# whole team waits at every kernel. Measured in issue 12 on 2 cores, 1M
+# frames through the pipeline, frames/s idle / one busy neighbour / two:
+# 1000000 spins 67.5 / 24.4 / 5.3; 0 spins 65.8 / 52.0 / 20.9. The
+# pipeline's default workers are single-threaded and never wait for a team
+# mate at all (edge.pipeline.default_workers). Set before the first
+# parallel kernel loads the OpenMP runtime; the user's own setting wins.
+_os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
 from .background import estimate_background, local_stats, radial_stats, subtract_background
 from .geometry import LAYOUTS, DetectorLayout, Geometry

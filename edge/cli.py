@@ -318,13 +318,9 @@ def cmd_run(args) -> int:
             source.close()
             _remove(created)
             return 2
-    import numba
-
     from . import warmup
     from .pipeline import Pipeline
 
-    if args.threads:
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     print(f"edge run: source {source!r}, warming up kernels ...", file=sys.stderr)
     warmup(features=model is not None)
     if model is not None:
@@ -366,7 +362,8 @@ def cmd_run(args) -> int:
         status = _Status(sys.stderr, args.quiet)
         pipe = Pipeline(source, model=model, policy=policy, bridge=bridge, results=results,
                         queue_size=args.queue_size, on_frame=status, header=header,
-                        observer=None if web is None else web.hub)
+                        observer=None if web is None else web.hub,
+                        workers=args.workers, threads=args.threads)
         status.pipe = pipe
         try:
             summary = pipe.run(max_frames=args.frames, duration=args.duration)
@@ -514,19 +511,26 @@ def cmd_bench(args) -> int:
     if args.web_clients:
         return _bench_web(args)
     created: list[Path] = []
+    stem = args.out or ("runs/contention" if args.contention is not None else "runs/latency")
     try:
-        out = _writable(Path(args.out).with_suffix(".json"), "--out", created)
+        out = _writable(Path(stem).with_suffix(".json"), "--out", created)
         _writable(out.with_suffix(".md"), "--out", created)
     except UsageError as exc:
         _remove(created)
         print(f"edge bench: {exc}", file=sys.stderr)
         return 2
-    from .latency import benchmark, to_markdown, write_results
+    from .latency import benchmark, contention_benchmark, contention_markdown, to_markdown, write_results
 
-    res = benchmark(args.layouts, latency_rate=args.rate, n_frames=args.frames, rates=args.rates,
-                    use_model=not args.no_model)
-    write_results(res, out, out.with_suffix(".md"))
-    print(to_markdown(res))
+    if args.contention is not None:
+        res = contention_benchmark(args.layouts, max_competitors=args.contention, n_frames=args.frames or 120,
+                                   use_model=not args.no_model, scaling=not args.no_scaling)
+        markdown = contention_markdown
+    else:
+        res = benchmark(args.layouts, latency_rate=args.rate, n_frames=args.frames or 300, rates=args.rates,
+                        use_model=not args.no_model)
+        markdown = to_markdown
+    write_results(res, out, out.with_suffix(".md"), markdown=markdown)
+    print(markdown(res))
     print(f"written: {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -536,9 +540,9 @@ def _bench_web(args) -> int:
 
     from .web.bench import to_markdown, web_overhead
 
-    res = web_overhead(args.layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames,
+    res = web_overhead(args.layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames or 300,
                        use_model=not args.no_model)
-    out = Path(args.out)
+    out = Path(args.out or "runs/latency")
     stem = out.with_name(out.name + "-web")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=float))
@@ -577,6 +581,10 @@ def cmd_info(args) -> int:
 
     _touch(10)
     print(f"numba threads:  {numba.get_num_threads()} (layer {numba.threading_layer()}; set NUMBA_NUM_THREADS)")
+    from .pipeline import default_workers
+
+    print("pipeline:       {} worker(s) x {} Numba thread(s) by default (edge run --workers/--threads)"
+          .format(*default_workers()))
     import os
 
     wait = os.environ.get("OMP_WAIT_POLICY") or "unset (spin GOMP_SPINCOUNT times, then sleep)"
@@ -634,7 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=nonempty, default=None, help="anomaly model .tflite (default: the shipped model)")
     r.add_argument("--no-model", action="store_true", help="run without the anomaly model")
     r.add_argument("--model-threads", type=bounded_int(1, 256), default=1, help="TFLite threads (default 1)")
-    r.add_argument("--threads", type=positive_int, default=None, help="Numba threads (default: all cores)")
+    r.add_argument("--workers", type=bounded_int(1, 256), default=None,
+                   help="frames analysed in parallel, each by its own worker thread (default: one per core, "
+                        "at most 8); the policy still sees frames in order")
+    r.add_argument("--threads", type=bounded_int(1, 1024), default=None,
+                   help="Numba threads inside each worker's kernels (default: cores / workers)")
     r.add_argument("--queue-size", type=bounded_int(1, 100_000), default=4,
                    help="frames buffered before dropping the oldest (default 4)")
     r.add_argument("--results", type=nonempty, default=None, help="JSON Lines results file (default runs/run-<time>.jsonl)")
@@ -675,14 +687,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for a client (default 60)")
     sv.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack")
+    b = sub.add_parser("bench", help="latency benchmark: frame in -> command on the wire / ack",
+                       description="Latency and highest sustained rate (default), or with --contention K "
+                                   "throughput and latency beside 0..K busy-loop processes plus throughput "
+                                   "vs cores used.")
     b.add_argument("--layouts", type=layout_list, default="1m,4m", help="simulated layouts, e.g. 1m,4m")
     b.add_argument("--rate", type=hz, default=50.0, help="frame rate for the latency runs (Hz)")
     b.add_argument("--rates", type=rate_list, default="25,50,75,100,125,150,200,250,300",
                    help="rates tried for the highest sustained rate (Hz)")
-    b.add_argument("--frames", type=positive_int, default=300, help="frames per run")
+    b.add_argument("--frames", type=positive_int, default=None,
+                   help="frames per run (default 300; 120 with --contention)")
     b.add_argument("--no-model", action="store_true")
-    b.add_argument("--out", type=nonempty, default="runs/latency", help="output path stem (.json and .md are written)")
+    b.add_argument("--contention", type=bounded_int(0, 16), default=None, metavar="K",
+                   help="contention benchmark beside 0..K CPU-bound competitor processes (started and "
+                        "always stopped by the benchmark)")
+    b.add_argument("--no-scaling", action="store_true", help="with --contention: skip throughput vs cores")
+    b.add_argument("--out", type=nonempty, default=None,
+                   help="output path stem, .json and .md are written (default runs/latency, runs/contention)")
     b.add_argument("--web-clients", type=bounded_int(1, 64), default=None, metavar="N",
                    help="instead: frame in -> command latency with no live view and with N connected pages "
                         "(alternating runs; writes <out>-web.json/.md)")

@@ -1,16 +1,25 @@
 """The real-time loop: frames in, peaks and anomaly flags, commands out.
 
-Three threads that never wait on each other:
+Threads that never wait on each other:
 
 ``acquisition``
     Iterates the frame source and puts ``(frame, meta)`` into a bounded
     :class:`DropOldestQueue`. It never blocks: when processing falls behind,
     the oldest queued frame is dropped, counted and logged.
-``processing`` (the thread calling :meth:`Pipeline.run`)
-    Background statistics, peak finding, anomaly features and model, the
-    measurements a firing rule needs, the policy. Commands are handed to the
-    command thread with a non-blocking put; a full command queue fails the
-    command (reported), never the frame.
+``workers`` (``edge-worker-N``, see :func:`default_workers`)
+    Each takes the oldest queued frame and runs :func:`analyse_frame` on it
+    (background statistics, peak finding, anomaly features and model) with
+    its own ``nogil`` Numba kernels on ``threads`` threads. Whole frames in
+    parallel share no barrier, so throughput grows with cores and one
+    descheduled worker delays only its own frame. With one worker this is
+    the thread calling :meth:`Pipeline.run` itself.
+``ordered stage`` (the thread calling :meth:`Pipeline.run`)
+    Takes the analysed frames back in the order they were queued, whatever
+    order the workers finish in, then the measurements a firing rule needs
+    and the policy. The policy therefore sees frames in order and commands
+    keep their order. Commands are handed to the command thread with a
+    non-blocking put; a full command queue fails the command (reported),
+    never the frame.
 ``commands``
     Sends each command over the bridge and waits for its definite outcome
     (ack, nack or failure). A slow, silent or unplugged device only delays
@@ -36,16 +45,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numba
 import numpy as np
 
-from .background import radial_stats
+from .background import RadialStats, radial_stats
 from .geometry import Geometry
 from .evidence import MISSING, EvidenceGate
 from .measure import find_dead_regions, measure_beam_offset
 from .policy import Command, MaskRegion, Observation, Policy
-from .spotfinding import find_peaks
+from .spotfinding import Peaks, find_peaks
 
-__all__ = ["DropOldestQueue", "Pipeline", "RunSummary", "percentiles"]
+__all__ = ["DropOldestQueue", "FrameAnalysis", "Pipeline", "RunSummary", "analyse_frame",
+           "default_workers", "percentiles"]
 
 _STOP = object()
 
@@ -122,6 +133,192 @@ def percentiles(values, qs=(50, 95, 99)) -> dict[str, float | None]:
     return out
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+#: Most frame workers by default: each holds a frame in flight, and the GIL
+#: (Python glue between kernels) becomes the limit well before 8.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(cores: int | None = None) -> tuple[int, int]:
+    """Default ``(workers, threads)``: frame workers and Numba threads per worker.
+
+    One single-threaded worker per core, up to :data:`MAX_DEFAULT_WORKERS`;
+    beyond that the cores are shared out as threads inside each worker's
+    kernels (1 core: 1 x 1; 2: 2 x 1; 8: 8 x 1; 16: 8 x 2).
+
+    Why: whole frames in parallel share no barrier. Beside other busy
+    processes each worker gets its fair share of the CPU like any busy
+    thread, and a descheduled worker delays only its own frame, where a
+    team of threads on one frame waits for its slowest member at every
+    kernel (issue 12: a spinning 2-thread team lost 2.8x beside one busy
+    loop on 2 cores and 13x beside two). Throughput also grows with the
+    number of workers instead of being capped by the serial parts of a frame
+    (labelling, measuring, the Python between kernels). ``--workers 1
+    --threads N`` gives the lowest single-frame latency on an idle board;
+    ``edge bench --contention K`` measures both side by side.
+
+    Parameters
+    ----------
+    cores : int, optional
+        Cores to plan for; default :func:`usable_cores`.
+    """
+    cores = usable_cores() if cores is None else max(1, int(cores))
+    workers = min(cores, MAX_DEFAULT_WORKERS)
+    return workers, max(1, cores // workers)
+
+
+@dataclass
+class FrameAnalysis:
+    """What :func:`analyse_frame` found in one frame.
+
+    Attributes
+    ----------
+    stats : RadialStats
+        Clipped per-ring background statistics.
+    peaks : Peaks
+        Bragg peaks.
+    features : ndarray or None
+        Anomaly-model features (None without a model).
+    probabilities : dict
+        Class name -> model probability (empty without a model).
+    flags : tuple of str
+        Anomaly flags raised by the model.
+    stages_ms : dict
+        Wall time (ms) of ``background``, ``peaks``, ``features``, ``inference``.
+    """
+
+    stats: RadialStats
+    peaks: Peaks
+    features: np.ndarray | None
+    probabilities: dict
+    flags: tuple
+    stages_ms: dict
+
+
+def analyse_frame(frame: np.ndarray, geometry: Geometry, *, model=None,
+                  peak_params: dict | None = None) -> FrameAnalysis:
+    """Frame -> background statistics, peaks, anomaly features and flags.
+
+    The one analysis path: the pipeline's workers, its priming and the
+    benchmarks all call this. Thread-safe (the kernels release the GIL and
+    run with the calling thread's ``numba.get_num_threads()``; the model
+    serialises its interpreter).
+
+    Parameters
+    ----------
+    frame : ndarray, shape (rows, columns)
+        Raw frame (any dtype :func:`edge.find_peaks` takes).
+    geometry : Geometry
+        Detector geometry (its per-geometry tables are cached on it).
+    model : AnomalyModel, optional
+        Without it, no features and no flags.
+    peak_params : dict, optional
+        Extra keyword arguments for :func:`edge.find_peaks`.
+    """
+    t0 = time.perf_counter()
+    stats = radial_stats(frame, geometry=geometry)
+    t_bg = time.perf_counter()
+    peaks = find_peaks(frame, geometry=geometry, stats=stats, **(peak_params or {}))
+    t_pk = t_ft = t_inf = time.perf_counter()
+    feats = None
+    probs: dict[str, float] = {}
+    flags: tuple[str, ...] = ()
+    if model is not None:
+        from .features import frame_features
+
+        feats = frame_features(frame, geometry, stats=stats, peaks=peaks)
+        t_ft = time.perf_counter()
+        res = model.predict(feats)
+        t_inf = time.perf_counter()
+        probs, flags = res.probabilities, tuple(res.flags)
+    ms = 1e3
+    return FrameAnalysis(stats, peaks, feats, probs, flags,
+                         {"background": (t_bg - t0) * ms, "peaks": (t_pk - t_bg) * ms,
+                          "features": (t_ft - t_pk) * ms, "inference": (t_inf - t_ft) * ms})
+
+
+class _InOrder:
+    """Hands out results in ticket order, whatever order workers finish in.
+
+    A worker takes a ticket with each frame (:meth:`ticket`, called in queue
+    order) and always returns it with :meth:`put`, so there are no gaps.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._cv = threading.Condition()
+        self._done: dict[int, Any] = {}
+        self._issued = 0
+        self._next = 0
+        self._running = workers
+
+    def ticket(self) -> int:
+        with self._cv:
+            t = self._issued
+            self._issued += 1
+            return t
+
+    def put(self, ticket: int, result: Any) -> None:
+        with self._cv:
+            self._done[ticket] = result
+            self._cv.notify_all()
+
+    def worker_done(self) -> None:
+        with self._cv:
+            self._running -= 1
+            self._cv.notify_all()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Next result in order; None on timeout; ``_STOP`` when every worker
+        has finished and every ticket was handed out."""
+        with self._cv:
+            ready = lambda: self._next in self._done or (self._running <= 0 and self._next >= self._issued)  # noqa: E731
+            if not self._cv.wait_for(ready, timeout):
+                return None
+            if self._next not in self._done:
+                return _STOP
+            result = self._done.pop(self._next)
+            self._next += 1
+            return result
+
+    def in_flight(self) -> int:
+        with self._cv:
+            return self._issued - self._next
+
+
+@dataclass
+class _Analysed:
+    frame: np.ndarray
+    meta: Any
+    geometry: Geometry
+    analysis: FrameAnalysis
+    t_start: float
+    t_done: float
+
+
+@dataclass
+class _Failed:
+    meta: Any
+    error: Exception
+
+
+def _concurrent_kernels_safe() -> bool:
+    """Whether parallel kernels may run from several threads at once.
+
+    Numba's ``omp`` and ``tbb`` layers allow it; ``workqueue`` (the fallback
+    when neither is installed) aborts the process on concurrent use, so the
+    pipeline then runs one worker.
+    """
+    numba.get_num_threads()  # starts the threading layer
+    return numba.threading_layer() in ("omp", "tbb")
+
+
 @dataclass
 class RunSummary:
     """Totals and latency percentiles of a run (all times in ms)."""
@@ -143,6 +340,8 @@ class RunSummary:
     results_path: str | None = None
     series: list = field(default_factory=list)  # live stream: one record per series (edge.sources.stream)
     frames_bad: int = 0
+    workers: int = 1
+    threads: int = 1
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -155,7 +354,8 @@ class RunSummary:
         lines = [
             f"frames in {self.frames_in}, processed {self.frames_processed}, dropped {self.frames_dropped}, "
             f"{self.fps:.1f} frames/s over {self.duration_s:.1f} s, errors {self.errors}"
-            + (f" ({self.frames_bad} unreadable frames: see the results file)" if self.frames_bad else ""),
+            + (f" ({self.frames_bad} unreadable frames: see the results file)" if self.frames_bad else "")
+            + f"; {self.workers} worker(s) x {self.threads} Numba thread(s)",
             "",
             "| stage (ms) | p50 | p95 | p99 | max |",
             "|---|---|---|---|---|",
@@ -271,17 +471,31 @@ class Pipeline:
         peaks, geometry)`` the processed frame; both must only store references.
     header : dict, optional
         Run description written as the first JSON line (``{"type": "run", ...}``).
+    workers : int, optional
+        Threads analysing whole frames in parallel; results reach the policy
+        in frame order. Default from :func:`default_workers`.
+    threads : int, optional
+        Numba threads inside each worker's kernels (capped at
+        ``NUMBA_NUM_THREADS``). Default from :func:`default_workers`.
     """
 
     def __init__(self, source, *, model=None, policy: Policy | None = None, bridge=None,
                  results: str | os.PathLike | None = None, queue_size: int = 4,
                  command_queue_size: int = 32, peak_params: dict | None = None,
                  on_frame: Callable[[dict], None] | None = None, block_source: bool | None = None,
-                 measure_every: int = 10, observer=None, header: dict | None = None) -> None:
+                 measure_every: int = 10, observer=None, header: dict | None = None,
+                 workers: int | None = None, threads: int | None = None) -> None:
         self.source = source
+        w, t = default_workers()
+        self.workers = w if workers is None else int(workers)
+        self.threads = t if threads is None else int(threads)
+        if self.workers < 1 or self.threads < 1:
+            raise ValueError(f"workers and threads must be >= 1, got {self.workers} and {self.threads}")
+        self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
         self.measure_every = max(1, int(measure_every))
         self._measurements: dict[str, tuple[int, Any]] = {}
         self._gate = EvidenceGate()  # per stream: remembers recent background levels
+        self._gate_geometry: Geometry | None = None  # the gate is reset when a series changes geometry
         self.block_source = (getattr(source, "rate_hz", None) is None) if block_source is None else block_source
         self.model = model
         self.policy = policy
@@ -296,7 +510,11 @@ class Pipeline:
         self._commands: queue.Queue = queue.Queue(maxsize=command_queue_size)
         self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # acks back to the policy
         self._stop = threading.Event()
-        self._masks: list[tuple[int, int, int, int]] = []
+        # replaced, never mutated: workers read a consistent snapshot
+        self._masks: tuple[tuple[int, int, int, int], ...] = ()
+        self._take_lock = threading.Lock()
+        self._order: _InOrder | None = None
+        self._workers_used = self.workers
         self._geom_cache: dict[int, Geometry] = {}
         self._lock = threading.Lock()
         # results
@@ -391,17 +609,18 @@ class Pipeline:
     # ------------------------------------------------------------ processing
     def _geometry(self, base: Geometry) -> Geometry:
         """The source geometry with the regions masked so far (cached)."""
-        if not self._masks:
+        masks = self._masks
+        if not masks:
             return base
         key = id(base)
         g = self._geom_cache.get(key)
-        if g is None or g._cache.get("n_masks") != len(self._masks):
+        if g is None or g._cache.get("n_masks") != len(masks):
             mask = base.valid.copy()
-            for r0, r1, c0, c1 in self._masks:
+            for r0, r1, c0, c1 in masks:
                 mask[r0:r1, c0:c1] = False
             g = Geometry(base.shape, base.pixel_size_mm, base.distance_mm, base.wavelength_A,
                          base.beam_center, mask=mask, saturation=base.saturation)
-            g._cache["n_masks"] = len(self._masks)
+            g._cache["n_masks"] = len(masks)
             self._geom_cache[key] = g
         return g
 
@@ -414,26 +633,30 @@ class Pipeline:
         return last[1]
 
     def process(self, frame: np.ndarray, meta) -> dict:
-        """Process one frame; returns its record (also logged and queued commands)."""
-        t_start = time.perf_counter()
-        geom = self._geometry(meta.geometry)
-        stats = radial_stats(frame, geometry=geom)
-        t_bg = time.perf_counter()
-        peaks = find_peaks(frame, geometry=geom, stats=stats, **self.peak_params)
-        t_pk = time.perf_counter()
-        probs: dict[str, float] = {}
-        flags: tuple[str, ...] = ()
-        proposed: tuple[str, ...] = ()
-        assessment = None
-        t_ft = t_inf = t_pk
-        if self.model is not None:
-            from .features import frame_features
+        """Process one frame in the calling thread; returns its record (also
+        logged and queued commands). :meth:`run` does the same with the
+        analysis spread over its workers."""
+        return self._decide(self._analyse(frame, meta))
 
-            feats = frame_features(frame, geom, stats=stats, peaks=peaks)
-            t_ft = time.perf_counter()
-            res = self.model.predict(feats)
-            t_inf = time.perf_counter()
-            probs, proposed = res.probabilities, tuple(res.flags)
+    def _analyse(self, frame: np.ndarray, meta) -> _Analysed:
+        """Worker side: everything that needs no state from earlier frames."""
+        t_start = time.perf_counter()
+        if meta.geometry is not self._primed:  # a new series (live stream): new tables
+            self._prime(meta.geometry)
+        geom = self._geometry(meta.geometry)
+        an = analyse_frame(frame, geom, model=self.model, peak_params=self.peak_params)
+        return _Analysed(frame, meta, geom, an, t_start, time.perf_counter())
+
+    def _decide(self, item: _Analysed) -> dict:
+        """Ordered side: measurements, policy and commands for one analysed frame."""
+        frame, meta, geom, an = item.frame, item.meta, item.geometry, item.analysis
+        stats, peaks, probs, proposed, feats = an.stats, an.peaks, an.probabilities, an.flags, an.features
+        flags: tuple[str, ...] = ()
+        assessment = None
+        t_inf = time.perf_counter()
+        if meta.geometry is not self._gate_geometry:  # a new series: earlier background levels say nothing
+            self._gate = EvidenceGate()
+            self._gate_geometry = meta.geometry
         # measurements only on flagged frames, and at most every
         # `measure_every` frames (they cost milliseconds to tens of ms; a
         # drifted beam or a dead module does not change from frame to frame)
@@ -471,7 +694,7 @@ class Pipeline:
         act_recs = []
         for a in actions:
             if isinstance(a, MaskRegion):
-                self._masks.append(tuple(int(v) for v in a.region))
+                self._masks = self._masks + (tuple(int(v) for v in a.region),)
                 act_recs.append({"action": "mask", "region": a.region, "rule": a.rule})
             elif isinstance(a, Command):
                 act_recs.append({"action": "command", "name": a.name, "args": a.args, "rule": a.rule,
@@ -490,11 +713,11 @@ class Pipeline:
         ms = 1e3
         record = {
             "type": "frame", "frame": meta.index, "t_source": meta.t_source,
-            "queue_ms": (t_start - meta.t_source) * ms,
-            "stages_ms": {"background": (t_bg - t_start) * ms, "peaks": (t_pk - t_bg) * ms,
-                          "features": (t_ft - t_pk) * ms, "inference": (t_inf - t_ft) * ms,
-                          "measure": (t_meas - t_inf) * ms, "policy": (t_pol - t_meas) * ms,
-                          "total": (t_end - t_start) * ms},
+            "queue_ms": (item.t_start - meta.t_source) * ms,
+            # "wait": analysed, waiting for earlier frames still in other workers
+            "stages_ms": {**an.stages_ms, "measure": (t_meas - t_inf) * ms, "policy": (t_pol - t_meas) * ms,
+                          "wait": (t_inf - item.t_done) * ms,
+                          "total": (item.t_done - item.t_start + t_end - t_inf) * ms},
             "latency_ms": (t_end - meta.t_source) * ms,
             "n_peaks": len(peaks),
             "median_snr": median_snr,
@@ -533,15 +756,11 @@ class Pipeline:
         self._primed = geom
         g = self._geometry(geom)
         dark = np.zeros(g.shape, dtype=np.int32)
-        stats = radial_stats(dark, geometry=g)
-        peaks = find_peaks(dark, geometry=g, stats=stats, **self.peak_params)
+        an = analyse_frame(dark, g, model=self.model, peak_params=self.peak_params)
         if self.model is not None:
             from .evidence.ice import ring_profile
-            from .features import frame_features
 
-            frame_features(dark, g, stats=stats, peaks=peaks)
-            ring_profile(dark, g, stats)  # the ice-band table (0.2-0.5 s on a 6M-16M detector)
-            self._gate = EvidenceGate()  # a new geometry (series): earlier background levels say nothing
+            ring_profile(dark, g, an.stats)  # the ice-band table (0.2-0.5 s on a 6M-16M detector)
 
     # ------------------------------------------------------------ run
     def run(self, *, max_frames: int | None = None, duration: float | None = None) -> RunSummary:
@@ -563,9 +782,19 @@ class Pipeline:
         # within 1 ms instead of the default 5 ms
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, 0.001))
+        workers = self._workers_used = self.workers if _concurrent_kernels_safe() else 1
+        # one worker analyses in this thread (no hand-over between threads)
+        self._order = _InOrder(workers) if workers > 1 else None
         acq = threading.Thread(target=self._acquire, name="edge-acquisition", daemon=True)
         cmd = threading.Thread(target=self._send_commands, name="edge-commands", daemon=True)
+        pool = [threading.Thread(target=self._work, name=f"edge-worker-{k}", daemon=True)
+                for k in range(workers if workers > 1 else 0)]
+        # this thread's kernels (analysis with one worker, measurements) use the workers' thread count
+        caller_threads = numba.get_num_threads()
+        numba.set_num_threads(self.threads)
         cmd.start()
+        for w in pool:
+            w.start()
         t0 = time.perf_counter()
         acq.start()
         processed = 0
@@ -573,17 +802,17 @@ class Pipeline:
             while not self._stop.is_set():
                 if duration is not None and time.perf_counter() - t0 >= duration:
                     break
-                item = self._frames.get(timeout=0.2)
+                item = self._next_analysed(timeout=0.2)
                 self._source_events()
                 if item is None:
                     continue
                 if item is _STOP:
                     break
-                frame, meta = item
-                if meta.geometry is not self._primed:  # a new series (live stream): new tables
-                    self._prime(meta.geometry)
+                meta = item.meta
                 try:
-                    rec = self.process(frame, meta)
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    rec = self._decide(item)
                 except Exception as exc:  # a bad frame is reported, the stream goes on
                     self.errors += 1
                     rec = {"type": "error", "frame": meta.index, "error": f"{type(exc).__name__}: {exc}"}
@@ -600,15 +829,19 @@ class Pipeline:
                     break
         finally:
             self._stop.set()
+            self._frames.close()  # a replay waiting for room stops waiting
             interrupt = getattr(self.source, "interrupt", None)
             if interrupt is not None:  # a live stream waits for frames: end its iteration now
                 interrupt()
             acq.join(timeout=5.0)
+            for w in pool:
+                w.join(timeout=5.0)
             self._source_events(final=True)
             self._commands.put(_STOP)
             cmd.join(timeout=30.0)
             elapsed = time.perf_counter() - t0
             self._log.close()
+            numba.set_num_threads(caller_threads)
             sys.setswitchinterval(switch)
             gc.unfreeze()
         if self._acq_error is not None:
@@ -655,6 +888,51 @@ class Pipeline:
             self._log.write(rec)
         self._series_ends = waiting
 
+    def _next_analysed(self, timeout: float):
+        """Next analysed frame in queue order (``_Analysed`` or ``_Failed``),
+        None on timeout, ``_STOP`` at the end."""
+        if self._order is not None:
+            return self._order.get(timeout=timeout)
+        item = self._frames.get(timeout=timeout)
+        if item is None or item is _STOP:
+            return item
+        frame, meta = item
+        try:
+            return self._analyse(frame, meta)
+        except Exception as exc:  # reported by run(), in order
+            return _Failed(meta, exc)
+
+    def _take(self):
+        """Oldest queued frame with its ticket (None on timeout, ``_STOP`` at the end).
+
+        One lock over both, so tickets follow queue order."""
+        with self._take_lock:
+            item = self._frames.get(timeout=0.2)
+            if item is None or item is _STOP:
+                return item
+            return self._order.ticket(), item
+
+    def _work(self) -> None:
+        """A worker: analyse whole frames with this thread's Numba thread count."""
+        numba.set_num_threads(self.threads)  # per calling thread
+        try:
+            while not self._stop.is_set():
+                got = self._take()
+                if got is None:
+                    continue
+                if got is _STOP:
+                    return
+                ticket, (frame, meta) = got
+                result: Any = _Failed(meta, RuntimeError("worker stopped"))
+                try:
+                    result = self._analyse(frame, meta)
+                except Exception as exc:  # reported in frame order by run()
+                    result = _Failed(meta, exc)
+                finally:
+                    self._order.put(ticket, result)  # every ticket comes back: no gap stalls the order
+        finally:
+            self._order.worker_done()
+
     def stop(self) -> None:
         """Ask :meth:`run` to finish (thread-safe)."""
         self._stop.set()
@@ -662,8 +940,8 @@ class Pipeline:
     def summary(self, elapsed: float) -> RunSummary:
         recs = list(self.records)
         stages = {}
-        for name in ("background", "peaks", "features", "inference", "measure", "policy", "total"):
-            stages[name] = percentiles([r["stages_ms"][name] for r in recs])
+        for name in ("background", "peaks", "features", "inference", "measure", "policy", "wait", "total"):
+            stages[name] = percentiles([r["stages_ms"].get(name) for r in recs])
         with self._lock:
             cmds = list(self.command_records)
         outcomes = Counter(f"{c['name']}:{c['status']}" for c in cmds if c.get("status") != "dropped")
@@ -679,7 +957,8 @@ class Pipeline:
             commands=dict(outcomes), flags=dict(flags),
             peaks={"median": float(np.median(npk)) if npk else None, "max": max(npk) if npk else None},
             errors=self.errors, results_path=None if self._log.path is None else str(self._log.path),
-            series=list(self.series_records), frames_bad=self.frames_bad)
+            series=list(self.series_records), frames_bad=self.frames_bad,
+            workers=self._workers_used, threads=self.threads)
 
 
 def _series_key(d: dict) -> tuple:

@@ -6,6 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# No Hypothesis deadline anywhere: an example's wall time says nothing about
+# correctness, and on a busy machine (or a first call that JIT-compiles) any
+# deadline fails at random. Speed is measured in benchmarks/.
+settings.register_profile("edge", deadline=None)
+settings.load_profile("edge")
 
 # beside the checkout (/work/main -> /work/shared), or one level up for a git
 # worktree (/work/wt/<name> -> /work/shared)

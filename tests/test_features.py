@@ -125,6 +125,7 @@ def ref_ring_contrast(profile, radii, hw, fi, fo):
 # ---------------------------------------------------------------------------
 # Kernels vs references
 # ---------------------------------------------------------------------------
+@settings(deadline=None)  # the first example compiles the kernel
 @given(st.floats(-50, 50), st.floats(-50, 50))
 def test_sector_matches_atan2(dx, dy):
     check_sector(F._sector(dx, dy), dx, dy, 8)
@@ -163,6 +164,7 @@ def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
 
 
+@settings(deadline=None)  # the first example compiles the kernel
 @given(st.floats(-50, 50), st.floats(-50, 50))
 def test_sector16_matches_atan2(dx, dy):
     check_sector(F._sector16(dx, dy), dx, dy, 16)
