@@ -342,9 +342,15 @@ def cmd_run(args) -> int:
                 return 2
             print(f"edge run: connected to {args.port}", file=sys.stderr)
         else:
-            from firmware_bridge.emulator import start_pty_emulator
+            from firmware_bridge.emulator import spawn_pty_emulator
 
-            emu = start_pty_emulator(applied_log=args.applied_log)
+            # its own process, like the real board: on a busy host an in-process
+            # emulator thread would read our heartbeats late and trip its watchdog
+            try:
+                emu = spawn_pty_emulator(applied_log=args.applied_log)
+            except RuntimeError as exc:
+                print(f"edge run: {exc}", file=sys.stderr)
+                return 1
             stack.callback(emu.stop)
             bridge = stack.enter_context(fb.connect(emu.port, limits=limits))
             # the emulated instrument boots fully attenuated with the shutter

@@ -65,9 +65,6 @@ def emulated_bridge(*, in_process: bool = False, **emulator_kw):
     outside the edge computer: in-process it would compete with the
     pipeline for the GIL and skew the latency figures.
     """
-    import subprocess
-    import sys
-
     import firmware_bridge as fb
 
     limits = {"version": 1, "rate": {"max_per_second": 2000.0, "burst": 500}, "commands": {"query_state": {}}}
@@ -81,17 +78,10 @@ def emulated_bridge(*, in_process: bool = False, **emulator_kw):
         finally:
             emu.stop()
         return
-    proc = subprocess.Popen([sys.executable, "-m", "firmware_bridge.emulator", "pty"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        port = proc.stdout.readline().strip()
-        if not port:
-            raise RuntimeError("instrument emulator did not start")
-        with fb.connect(port, limits=limits) as bridge:
-            yield bridge, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    from firmware_bridge.emulator import spawn_pty_emulator
+
+    with spawn_pty_emulator(**emulator_kw) as emu, fb.connect(emu.port, limits=limits) as bridge:
+        yield bridge, emu
 
 
 def _source(layout: str, n_frames: int, rate_hz: float | None, seed: int = 0):

@@ -14,11 +14,16 @@ CLI::
 pseudo-terminal and print the path the host should open. Signals (as the C
 firmware): SIGUSR1 unplug, SIGUSR2 replug, SIGHUP reboot, SIGTERM exit.
 
-In-process (tests, pipeline demo)::
+As a separate process, like the real device (``edge run``'s built-in
+instrument, pipeline tests, benchmarks)::
+
+    emu = spawn_pty_emulator(applied_log="applied.jsonl")
+    bridge = firmware_bridge.connect(emu.port)
+    emu.unplug(); emu.replug(); emu.reboot(); emu.stop()
+
+In-process (protocol tests that inspect the device's state)::
 
     emu = start_pty_emulator(corrupt=0.01, drop=0.01, applied_log="applied.jsonl")
-    bridge = firmware_bridge.connect(emu.port)
-    emu.unplug(); emu.replug(); emu.stop()
 """
 
 from __future__ import annotations
@@ -485,6 +490,112 @@ def start_pty_emulator(*, corrupt: float = 0.0, drop: float = 0.0, duplicate: fl
                           applied_log, name, device_id)
 
 
+class EmulatorProcess:
+    """The emulator in a child process (:func:`spawn_pty_emulator`).
+
+    A real instrument board does not share the host's CPU time or its Python
+    GIL; an in-process emulator does, and on a busy host a stalled emulator
+    thread reads the heartbeats that waited in the pty late, so its watchdog
+    trips although the host sent them in time. Unplug, replug and reboot are
+    signals to the child (SIGUSR1, SIGUSR2, SIGHUP, as for the C firmware);
+    they return once the signal is sent.
+    """
+
+    def __init__(self, argv: list[str], applied_log: str | None, start_timeout: float) -> None:
+        import subprocess
+
+        self.applied_log = applied_log
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "firmware_bridge.emulator", "pty",
+                                      "--parent", str(os.getpid()), *argv],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err)
+        ready, _, _ = select.select([self.proc.stdout], [], [], start_timeout)
+        line = self.proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+        if not line:
+            self._terminate()
+            self._err.seek(0)
+            why = self._err.read().decode(errors="replace").strip().splitlines()
+            self._close()
+            raise RuntimeError(f"instrument emulator did not start within {start_timeout} s"
+                               + (f": {why[-1]}" if why else ""))
+        self.port = line
+
+    @property
+    def applied(self) -> list[dict]:
+        """Applied-command records from the JSON Lines log (needs ``applied_log``)."""
+        if self.applied_log is None:
+            raise RuntimeError("spawn_pty_emulator(applied_log=...) was not given")
+        try:
+            with open(self.applied_log, encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh if line.endswith("\n")]
+        except FileNotFoundError:
+            return []
+
+    def _signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def unplug(self) -> None:
+        self._signal(signal.SIGUSR1)
+
+    def replug(self) -> None:
+        self._signal(signal.SIGUSR2)
+
+    def reboot(self) -> None:
+        self._signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        """Terminate the child (killed after 5 s). Idempotent."""
+        self._terminate()
+        self._close()
+
+    def _terminate(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _close(self) -> None:
+        for fh in (self.proc.stdout, self._err):
+            fh.close()
+
+    def __enter__(self) -> "EmulatorProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def spawn_pty_emulator(*, applied_log: str | None = None, link_path: str | None = None,
+                       device_id: str | None = None, seed: int | None = None,
+                       start_timeout: float = 30.0) -> EmulatorProcess:
+    """Start the emulator on a new pty in its own process (as a real device).
+
+    Parameters
+    ----------
+    applied_log, link_path, device_id, seed
+        As for :func:`start_pty_emulator`.
+    start_timeout : float
+        Seconds to wait for the child to publish its pty.
+
+    Returns
+    -------
+    EmulatorProcess
+        ``port`` is the path the host opens. The child exits with its parent.
+    """
+    argv: list[str] = []
+    for flag, value in (("--applied-log", applied_log), ("--link", link_path),
+                        ("--device-id", device_id), ("--seed", seed)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return EmulatorProcess(argv, applied_log, start_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m firmware_bridge.emulator",
                                 description="Instrument emulator (device side of firmware_bridge).")
@@ -499,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="fault RNG seed")
     p.add_argument("--device-id", default=None,
                    help="device id (serial) in HELLO_ACK, <= 24 UTF-8 bytes (default: random)")
+    p.add_argument("--parent", type=int, default=None,
+                   help="exit when the process with this pid is gone (spawn_pty_emulator)")
     a = p.parse_args(argv)
     if a.device_id is not None and not 0 < len(a.device_id.encode("utf-8", "replace")) <= 24:
         p.error("--device-id must be 1 to 24 UTF-8 bytes")
@@ -531,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.2):
             if emu.dead.is_set():  # the thread reported why on stderr
                 return 1
+            if a.parent is not None and os.getppid() != a.parent:  # orphaned: the host is gone
+                break
     except KeyboardInterrupt:
         pass
     finally:

@@ -19,14 +19,15 @@ from edge.pipeline import DropOldestQueue, Pipeline
 from edge.policy import Policy
 from edge.scenario import default_scenario
 from edge.sources import open_source, write_eiger_master
-from firmware_bridge.emulator import start_pty_emulator
+from firmware_bridge.emulator import spawn_pty_emulator
 
 from conftest import REAL_FRAMES
 
 
 @pytest.fixture
 def emulator(tmp_path):
-    emu = start_pty_emulator(applied_log=str(tmp_path / "applied.jsonl"))
+    # its own process, as the instrument board is (no GIL shared with the pipeline)
+    emu = spawn_pty_emulator(applied_log=str(tmp_path / "applied.jsonl"))
     yield emu
     emu.stop()
 

@@ -17,7 +17,7 @@ from edge.latency import ProbePolicy, competitors
 from edge.pipeline import _STOP, Pipeline, _InOrder, analyse_frame, default_workers
 from edge.sim import simulate
 from edge.sources.base import FrameMeta
-from firmware_bridge.emulator import start_pty_emulator
+from firmware_bridge.emulator import spawn_pty_emulator
 
 
 class RecordingProbe(ProbePolicy):
@@ -89,7 +89,7 @@ def test_workers_keep_policy_and_commands_in_frame_order(sims, reference, worker
     n = 24
     source = MixedSource(sims, n)
     policy = RecordingProbe()
-    emu = start_pty_emulator()
+    emu = spawn_pty_emulator()
     try:
         with fb.connect(emu.port, limits={"version": 1, "rate": {"max_per_second": 1e4, "burst": 1000},
                                           "commands": {"query_state": {}}}) as bridge:
