@@ -1,5 +1,5 @@
 """The ``edge`` command: ``edge run``, ``edge serve``, ``edge bench``, ``edge info``, ``edge ports``,
-``edge view``, ``edge report``."""
+``edge view``, ``edge report``, ``edge warmup``, ``edge service``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,21 @@ import stat
 import sys
 import time
 from pathlib import Path
+
+from .deploy import DEFAULT_SITE as _DEFAULT_SITE
+
+_T_LOADED = time.perf_counter()
+
+
+def _seconds_since_start() -> float:
+    """Seconds since this process started (Linux: from /proc; else since this module loaded)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _T_LOADED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,6 +173,8 @@ class _Status:
 
     def __call__(self, rec: dict) -> None:
         self.n += 1
+        if self.n == 1:
+            self.stream.write(f"edge run: first frame processed {_seconds_since_start():.1f} s after start\n")
         self.lat.append(rec["latency_ms"])
         for f in rec["flags"]:
             self.flags[f] = self.flags.get(f, 0) + 1
@@ -257,6 +274,19 @@ def cmd_run(args) -> int:
     from .policy import Policy, PolicyConfigError
     from .sources import SourceError, open_source
 
+    site = None
+    if args.site:  # its values fill the options not given on the command line, then everything is checked
+        from .deploy.site import SiteConfigError, load_site
+
+        try:
+            site = load_site(args.site)
+        except SiteConfigError as exc:
+            print(f"edge run: --site: {exc}", file=sys.stderr)
+            return 2
+        args.site_file = site.path
+        for dest, value in site.run_args().items():
+            if dest not in getattr(args, "explicit", ()):
+                setattr(args, dest, value)
     source_kind = args.source.split(":")[0]
     created: list[Path] = []  # files and directories to remove if a later check fails
     try:
@@ -275,8 +305,16 @@ def cmd_run(args) -> int:
                 fb.validate("set_attenuation", limits=limits, level=attenuation)
             except fb.BridgeError as exc:
                 raise UsageError(f"--emulator-attenuation {attenuation}: {exc}") from None
-        results = _writable(args.results or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl"), "--results",
-                            created)
+        if args.results is not None:
+            results = _writable(args.results, "--results", created)
+        else:  # one new file per run; the oldest beyond --keep-runs are deleted
+            from .deploy.runs import new_results_path
+
+            where = args.results_dir or "runs"
+            try:
+                results = _writable(new_results_path(where, keep=args.keep_runs), "--results-dir", created)
+            except OSError as exc:
+                raise UsageError(f"--results-dir {where}: {exc}") from None
         if args.applied_log:
             _writable(args.applied_log, "--applied-log", created)
     except UsageError as exc:
@@ -299,6 +337,16 @@ def cmd_run(args) -> int:
         _remove(created)
         print(f"edge run: --source: {exc}", file=sys.stderr)
         return 2
+    if site is not None and site.geometry:
+        from .deploy.runs import apply_geometry
+
+        try:
+            apply_geometry(source, site.geometry)
+        except ValueError as exc:
+            source.close()
+            _remove(created)
+            print(f"edge run: --site: {site.path}: [geometry]: {exc}", file=sys.stderr)
+            return 2
     model = None
     if not args.no_model:
         from .anomaly import AnomalyError, AnomalyModel
@@ -318,13 +366,22 @@ def cmd_run(args) -> int:
             source.close()
             _remove(created)
             return 2
-    from . import warmup
+    from . import WARMUP_DTYPES, warmup
     from .pipeline import Pipeline
+    from .sources import SimulatorSource
 
-    print(f"edge run: source {source!r}, warming up kernels ...", file=sys.stderr)
-    warmup(features=model is not None)
-    if model is not None:
-        model.warmup()
+    if isinstance(source, SimulatorSource):  # simulate the frames while the kernels load
+        source.prepare(background=True)
+    dtypes = WARMUP_DTYPES if getattr(source, "dtype", None) is None else (source.dtype,)
+    print(f"edge run: source {source!r}, loading kernels for {', '.join(map(str, dtypes))} frames ...",
+          file=sys.stderr)
+    warmup(dtypes, features=model is not None, extras=False, progress=_warmup_progress("edge run"))
+    if model is not None:  # one inference; not model.warmup(), which compiles features for every dtype
+        import numpy as np
+
+        from .features import N_FEATURES
+
+        model.predict(np.zeros(N_FEATURES, np.float32))
 
     with contextlib.ExitStack() as stack:
         if web is not None:
@@ -371,6 +428,7 @@ def cmd_run(args) -> int:
                         observer=None if web is None else web.hub,
                         workers=args.workers, threads=args.threads)
         status.pipe = pipe
+        stack.enter_context(_stop_on_signals(pipe))
         try:
             summary = pipe.run(max_frames=args.frames, duration=args.duration)
         except KeyboardInterrupt:
@@ -412,7 +470,11 @@ def _run_header(args, source, policy, model, results) -> dict:
     if model is not None:
         head["classes"] = list(model.classes)
         head["thresholds"] = {c: float(t) for c, t in zip(model.classes, model.thresholds)}
-    return head
+    from .deploy.runs import run_header  # provenance: host, sha256 of the site/policy/limits files and model
+
+    site = getattr(args, "site_file", None)
+    files = {"site": site, "policy": args.config, "limits": args.limits}
+    return {**run_header(source, model=model, files=files, extra={"argv": sys.argv[1:]}), **head}
 
 
 def _start_web(bind: str, who: str, *, header: dict | None = None, save_dir=None, follow=None):
@@ -621,6 +683,132 @@ def cmd_ports(args) -> int:
     return 0
 
 
+def _warmup_progress(prog: str):
+    """A :func:`edge.warmup` progress callback printing one line per compiling step."""
+    def progress(step: int, n: int, label: str) -> None:
+        if not progress.told:
+            from .deploy import cache
+
+            where = cache.cache_dir(os.path.dirname(os.path.abspath(__file__))) or "nowhere: no writable directory"
+            print(f"{prog}: compiling kernels - first start only (or after an upgrade); they are cached in "
+                  f"{where} (`edge warmup` does this at install time)", file=sys.stderr)
+            progress.told = True
+        print(f"{prog}: compiling kernels {step}/{n} ({label}) - first start only", file=sys.stderr, flush=True)
+
+    progress.told = False
+    return progress
+
+
+@contextlib.contextmanager
+def _stop_on_signals(pipe):
+    """SIGTERM (systemd stop) or a first Ctrl-C end the run cleanly: the
+    pipeline finishes the frame in hand, waits for queued commands and writes
+    the summary record. A second Ctrl-C interrupts at once."""
+    import signal
+
+    def handler(signum, frame):
+        if pipe.stop_reason is None:
+            pipe.stop(signal.Signals(signum).name)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def cmd_warmup(args) -> int:
+    from . import WARMUP_DTYPES, warmup
+    from .deploy import cache
+
+    dtypes = list(args.dtype or ())
+    spec, layout, use_model = args.source, args.layout, not args.no_model
+    if args.site:
+        from .deploy.site import SiteConfigError, load_site
+
+        try:
+            site = load_site(args.site)
+        except SiteConfigError as exc:
+            print(f"edge warmup: site: {exc}", file=sys.stderr)
+            return 2
+        spec, layout = spec or site.source or "scenario", layout or site.layout
+        use_model = use_model and site.model_enabled is not False
+    if spec and not dtypes:
+        from .sources import SourceError, open_source
+
+        try:
+            kw = {"layout": layout} if layout and spec.split(":")[0] in ("sim", "scenario") else {}
+            with open_source(spec, **kw) as src:
+                if src.dtype is not None:
+                    dtypes = [src.dtype]
+        except SourceError as exc:  # e.g. the data directory is still empty: prepare for every dtype
+            print(f"edge warmup: source {spec}: {exc}; preparing the usual frame dtypes", file=sys.stderr)
+    dtypes = dtypes or list(WARMUP_DTYPES)
+    t0 = time.perf_counter()
+    warmup(dtypes, features=use_model, extras=args.all, progress=_warmup_progress("edge warmup"))
+    where = cache.cache_dir(os.path.dirname(os.path.abspath(__file__)))
+    print(f"edge warmup: kernels for {', '.join(str(d) for d in dtypes)} frames ready in "
+          f"{time.perf_counter() - t0:.1f} s (cache: {where or 'none, no writable directory'})")
+    return 0
+
+
+def cmd_service(args) -> int:
+    from .deploy.service import install, udev_rule, unit_text
+    from .deploy.site import SiteConfigError, load_site
+
+    site_path = Path(args.site).absolute()
+    site = None
+    if site_path.exists():
+        try:
+            site = load_site(site_path)
+        except SiteConfigError as exc:
+            print(f"edge service: site: {exc}", file=sys.stderr)
+            return 2
+    if args.udev is not None:
+        from firmware_bridge.transport import _VIDPID
+
+        spec = args.udev or (site.port if site is not None else None) or "usb:2e8a:000a"
+        m = _VIDPID.match(spec)
+        if m is None:
+            print(f"edge service: --udev: expected usb:VID:PID[:SERIAL] (hex), got {spec!r}", file=sys.stderr)
+            return 2
+        print(udev_rule(*m.groups()), end="")
+        return 0
+    if not args.install:
+        if site is None:
+            print(f"edge service: note: {site_path} does not exist yet (`edge service --install` writes an "
+                  f"example)", file=sys.stderr)
+        print(unit_text(site_path, user=args.user, site_config=site), end="")
+        return 0
+    if args.root == "/" and hasattr(os, "geteuid") and os.geteuid() != 0:
+        print("edge service: --install needs root (sudo), or --root DIR to write the files below DIR",
+              file=sys.stderr)
+        return 2
+    try:
+        install(site_path, site_config=site, user=args.user, root=args.root,
+                log=lambda m: print(f"edge service: {m}", file=sys.stderr))
+    except OSError as exc:
+        print(f"edge service: install failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"edge service: installed. Edit {site_path}, then: sudo systemctl enable --now xray-edge; "
+          f"logs: journalctl -u xray-edge -f", file=sys.stderr)
+    return 0
+
+
+def _dtype(text: str):
+    import numpy as np
+
+    from ._validate import as_frame
+
+    try:
+        return as_frame(np.zeros((1, 1), dtype=np.dtype(text))).dtype
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a supported frame dtype: {text!r} (e.g. int32, uint16, float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .geometry import LAYOUTS
 
@@ -667,6 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--channel", default=None,
                    help="live stream: image channel (threshold) name; default the first listed in 'start'")
     r.add_argument("--series", type=positive_int, default=None, help="live stream: stop after this many series end")
+    r.add_argument("--site", nargs="?", const=_DEFAULT_SITE, default=None, metavar="FILE",
+                   help=f"site configuration TOML (default FILE: {_DEFAULT_SITE}); options given here win")
+    r.add_argument("--results-dir", default=None,
+                   help="directory for one run-<time>.jsonl per run (default runs/; ignored with --results)")
+    r.add_argument("--keep-runs", type=positive_int, default=None,
+                   help="keep at most this many run files in the results directory (default: all)")
     r.set_defaults(func=cmd_run)
 
     sv = sub.add_parser("serve", help="replay a source as a DECTRIS Stream V2 detector (ZeroMQ PUSH server)",
@@ -733,7 +927,43 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     s = sub.add_parser("ports", help="serial ports with USB ids")
     s.set_defaults(func=cmd_ports)
+
+    w = sub.add_parser("warmup", help="compile the kernels now (install time), or load them from the cache",
+                       description="Compile the Numba kernels into the on-disk cache, so `edge run` starts in "
+                                   "seconds. Default: every usual frame dtype; --site/--source: only what that "
+                                   "source needs.")
+    w.add_argument("--site", nargs="?", const=_DEFAULT_SITE, default=None, metavar="FILE",
+                   help=f"prepare for this site's source (default FILE: {_DEFAULT_SITE})")
+    w.add_argument("--source", default=None, help="prepare for this source (as `edge run --source`)")
+    w.add_argument("--layout", default=None, help="simulated detector layout (with a sim/scenario source)")
+    w.add_argument("--dtype", action="append", type=_dtype, default=None,
+                   help="frame dtype to prepare for (repeatable; e.g. int32, uint16, uint32, float32)")
+    w.add_argument("--no-model", action="store_true", help="skip the anomaly-feature kernels")
+    w.add_argument("--all", action="store_true",
+                   help="also the kernels only the Python API uses (background maps, local background, dark)")
+    w.set_defaults(func=cmd_warmup)
+
+    v = sub.add_parser("service", help="print (or --install) the systemd unit and udev rule",
+                       description="Print the systemd unit that runs `edge run --site FILE` as a service; "
+                                   "--install writes it with an example site file, creates the service user and "
+                                   "installs a udev rule for a usb:VID:PID port.")
+    v.add_argument("--site", default=_DEFAULT_SITE, metavar="FILE", help=f"site file (default {_DEFAULT_SITE})")
+    v.add_argument("--user", default="xray-edge", help="service user, in the dialout group (default xray-edge)")
+    v.add_argument("--install", action="store_true", help="install the unit, udev rule, site file and user")
+    v.add_argument("--root", default="/", metavar="DIR", help="with --install: write the files below DIR")
+    v.add_argument("--udev", nargs="?", const="", default=None, metavar="usb:VID:PID[:SERIAL]",
+                   help="print the udev rule (default: the site's usb: port, else the example 2e8a:000a)")
+    v.set_defaults(func=cmd_service)
+    p.explicit_parsers = {"run": r, "warmup": w}
     return p
+
+
+def _explicit(argv: list[str] | None, cmd: str) -> set[str]:
+    """Options of ``cmd`` given on the command line (to let them win over a site file)."""
+    p = build_parser()
+    for action in p.explicit_parsers[cmd]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv))) - {"cmd", "func"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -741,6 +971,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a usage error (2, its line already printed) or --help (0)
         return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "site", None) and args.cmd in ("run", "warmup"):
+        args.explicit = _explicit(argv, args.cmd)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # e.g. Ctrl-C during the kernel warm-up (a running loop handles its own)

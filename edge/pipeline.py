@@ -25,7 +25,11 @@ Threads that never wait on each other:
     (ack, nack or failure). A slow, silent or unplugged device only delays
     this thread.
 
-Every frame, drop and command outcome is one JSON line in the results file.
+Every frame, drop and command outcome is one JSON line in the results file,
+after the ``{"type": "run"}`` header record (given by the caller: what ran,
+where, with which files and model, :func:`edge.deploy.runs.run_header`) and
+before a ``summary`` record written however the run ends (source exhausted, frame
+limit, :meth:`Pipeline.stop` from a SIGTERM handler, an exception).
 Times are ``time.perf_counter()`` seconds; latencies are reported in ms from
 the frame's ``t_source`` (frame in) to the command's first write on the port
 ("on the wire") and to its ack.
@@ -492,6 +496,7 @@ class Pipeline:
         if self.workers < 1 or self.threads < 1:
             raise ValueError(f"workers and threads must be >= 1, got {self.workers} and {self.threads}")
         self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
+        self.stop_reason: str | None = None
         self.measure_every = max(1, int(measure_every))
         self._measurements: dict[str, tuple[int, Any]] = {}
         self._gate = EvidenceGate()  # per stream: remembers recent background levels
@@ -755,7 +760,7 @@ class Pipeline:
             return
         self._primed = geom
         g = self._geometry(geom)
-        dark = np.zeros(g.shape, dtype=np.int32)
+        dark = np.zeros(g.shape, dtype=getattr(self.source, "dtype", None) or np.int32)
         an = analyse_frame(dark, g, model=self.model, peak_params=self.peak_params)
         if self.model is not None:
             from .evidence.ice import ring_profile
@@ -840,13 +845,18 @@ class Pipeline:
             self._commands.put(_STOP)
             cmd.join(timeout=30.0)
             elapsed = time.perf_counter() - t0
+            summary = self.summary(elapsed)
+            end = {"type": "summary", "stop_reason": self.stop_reason, **summary.to_dict()}
+            if self._acq_error is not None:
+                end["source_error"] = f"{type(self._acq_error).__name__}: {self._acq_error}"
+            self._log.write(end)
             self._log.close()
             numba.set_num_threads(caller_threads)
             sys.setswitchinterval(switch)
             gc.unfreeze()
         if self._acq_error is not None:
             raise self._acq_error
-        return self.summary(elapsed)
+        return summary
 
     def _count_series(self, meta, outcome: str) -> None:
         if "image_id" in meta.info:
@@ -933,8 +943,13 @@ class Pipeline:
         finally:
             self._order.worker_done()
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to finish (thread-safe)."""
+    def stop(self, reason: str | None = None) -> None:
+        """Ask :meth:`run` to finish (thread-safe; also from a signal handler).
+
+        ``reason`` (e.g. ``"SIGTERM"``) goes into the summary record.
+        """
+        if reason is not None and self.stop_reason is None:
+            self.stop_reason = reason
         self._stop.set()
 
     def summary(self, elapsed: float) -> RunSummary:

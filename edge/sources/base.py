@@ -119,7 +119,8 @@ class FrameMeta:
 class FrameSource:
     """Base class: pacing, frame count, looping and the iteration protocol.
 
-    Subclasses set :attr:`geometry`, :attr:`frame_time` and :attr:`name` and
+    Subclasses set :attr:`geometry`, :attr:`frame_time`, :attr:`name` (and
+    :attr:`dtype` when known) and
     implement :meth:`_length` (frames in one pass, None = endless) and
     :meth:`_read` (random access to frame ``k`` of a pass).
 
@@ -144,6 +145,9 @@ class FrameSource:
     geometry: Geometry
     frame_time: float | None = None
     name: str = "source"
+    #: dtype of the frames when known before the first one (None: unknown);
+    #: the start-up compiles the kernels for this dtype only.
+    dtype: np.dtype | None = None
 
     def __init__(self, *, rate_hz: float | None = None, n_frames: int | None = None, loop: bool = False,
                  preload: bool = False, copy: bool = False, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:

@@ -116,6 +116,7 @@ class CbfSource(FrameSource):
             raise SourceError(f"{self.paths[k]}: cannot get the geometry from the CBF header: {exc}",
                               path=self.paths[k], frame=k) from exc
         self.frame_time = _header_number(text, "Exposure_period")
+        self.dtype = first.dtype
         self.name = self.paths[0] if len(self.paths) == 1 else f"{os.path.dirname(self.paths[0]) or '.'} " \
                                                                f"({len(self.paths)} CBF files)"
 

@@ -93,6 +93,7 @@ class EigerSource(FrameSource):
             self._file.close()
             raise
         self._starts = np.cumsum([0] + [len(d) for _, d in self._datasets])
+        self.dtype = self._datasets[0][1].dtype if self._datasets else None
         self.name = self.path
 
     # -- metadata ----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from dataclasses import replace
 from typing import Any, Mapping
@@ -38,6 +39,9 @@ class SimulatorSource(FrameSource):
     32 frames, ~3 s and ~140 MB at 1M; ~14 s and ~570 MB at 4M), after which
     frames stream at memory speed. ``preload=True`` instead simulates every
     frame individually (all distinct; needs a finite ``n_frames`` or scenario).
+    ``prepare(background=True)`` starts the simulation on a thread and returns
+    at once; the first frame then waits only for what is left of it (``edge
+    run`` does this before loading the kernels, so both happen at once).
 
     Parameters
     ----------
@@ -95,9 +99,12 @@ class SimulatorSource(FrameSource):
                                  self.geometry.wavelength_A, self.geometry.beam_center, mask=self.geometry.mask,
                                  saturation=self.config.saturation)
         self.frame_time = None
+        self.dtype = np.dtype(self.config.dtype)
         kind = "sim" if scenario is None else f"scenario:{scenario.name}"
         self.name = f"{kind}:{self.config.layout}"
         self._pools: dict[tuple, list[tuple[np.ndarray, dict]]] = {}
+        self._pending: dict[tuple, threading.Event] = {}  # pools a background thread is simulating
+        self._pool_error: BaseException | None = None
 
     def _length(self) -> int | None:
         return None if self.scenario is None else self.scenario.n_frames
@@ -128,7 +135,8 @@ class SimulatorSource(FrameSource):
         n = self.scenario.n_frames
         return range(n if (self._cap is None or self.loop) else min(n, self._cap))
 
-    def prepare(self) -> None:
+    def prepare(self, *, background: bool = False) -> None:
+        """Simulate the frame pools (see the class notes), or with ``background`` start doing so."""
         self._check_open()
         need = self._frames_needed() * int(np.prod(self.geometry.shape)) * np.dtype(self.config.dtype).itemsize
         if need > self.max_memory_bytes:
@@ -138,13 +146,37 @@ class SimulatorSource(FrameSource):
         if self.preload:
             return super().prepare()
         keys = [_config_key({})] if self.scenario is None else \
-            sorted({_config_key(self.scenario.overrides_at(k)) for k in self._scripted_range()}, key=repr)
+            list(dict.fromkeys(_config_key(self.scenario.overrides_at(k)) for k in self._scripted_range()))
+        todo = [key for key in keys if key not in self._pools and key not in self._pending]
+        if background:
+            if todo:
+                for key in todo:
+                    self._pending[key] = threading.Event()
+                threading.Thread(target=self._make_pools_later, args=(todo,), name="edge-sim-pools",
+                                 daemon=True).start()
+            return
+        for key in todo:
+            self._pools[key] = self._make_pool(key)
+        # frames stream only once every pool is there: simulating while frames
+        # are processed would compete with the processing for the GIL
+        for event in list(self._pending.values()):
+            event.wait()
+        if self._pool_error is not None:
+            raise SourceError(f"{self.name}: simulating the frames failed: {self._pool_error!r}")
+
+    def _make_pool(self, key: tuple) -> list[tuple[np.ndarray, dict]]:
+        tag = zlib.crc32(repr(key).encode())  # stable across runs (unlike hash())
+        return [self._simulate(dict(key), _derived_seed(self.seed, tag, slot)) for slot in range(self.pool)]
+
+    def _make_pools_later(self, keys: list[tuple]) -> None:
         for key in keys:
-            if key in self._pools:
-                continue
-            tag = zlib.crc32(repr(key).encode())  # stable across runs (unlike hash())
-            self._pools[key] = [self._simulate(dict(key), _derived_seed(self.seed, tag, slot))
-                                for slot in range(self.pool)]
+            try:
+                if not self._closed:
+                    self._pools[key] = self._make_pool(key)
+            except BaseException as exc:  # reported by prepare()
+                self._pool_error = exc
+            finally:
+                self._pending[key].set()
 
     def _read(self, k: int) -> tuple[np.ndarray, dict, frozenset]:
         overrides, phase = self._overrides(k)
