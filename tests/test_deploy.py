@@ -275,9 +275,13 @@ def test_results_rotation_keeps_the_newest(tmp_path):
         p.write_text("{}\n")
         os.utime(p, (1_600_000_000 + k, 1_600_000_000 + k))
     (d / "notes.txt").write_text("not a run")
+    for k in (0, 4):  # frames the live view saved beside two of the runs
+        (d / f"run-2020010{k}-000000.frames").mkdir()
+        (d / f"run-2020010{k}-000000.frames" / "f0.png").write_bytes(b"png")
     new_results_path(d, keep=3)
-    left = sorted(x.name for x in d.glob("run-*.jsonl"))
-    assert left == ["run-20200103-000000.jsonl", "run-20200104-000000.jsonl"]  # + the new run = 3
+    left = sorted(x.name for x in d.glob("run-*"))
+    assert left == ["run-20200103-000000.jsonl", "run-20200104-000000.frames",
+                    "run-20200104-000000.jsonl"]  # + the new run = 3 runs
     assert (d / "notes.txt").exists()
     # runs started in the same second get their own files
     import datetime as dt

@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import os
 import platform
+import shutil
 import socket
 import tempfile
 from importlib import resources
@@ -115,7 +116,8 @@ def new_results_path(directory: str | os.PathLike, *, keep: int | None = None,
     The file itself is created when the run starts, so a run that never
     starts (an error, a stop during the warm-up) leaves nothing behind. With
     ``keep``, the oldest run files beyond ``keep - 1`` are deleted, so at most
-    ``keep`` remain with the new one. The name gets ``-2``, ``-3`` ... when a
+    ``keep`` remain with the new one (with the live view's ``.frames``
+    directories). The name gets ``-2``, ``-3`` ... when a
     run file from the same second exists (a quick service restart).
 
     Raises
@@ -131,8 +133,11 @@ def new_results_path(directory: str | os.PathLike, *, keep: int | None = None,
     d.mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=d).close()  # writable? (permission bits lie for root and read-only mounts)
     if keep is not None:
+        from ..web import frames_dir
+
         old = sorted(d.glob(RUN_GLOB), key=lambda p: (p.stat().st_mtime, p.name))
         for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(frames_dir(p), ignore_errors=True)  # the live view's saved frames, if any
             try:
                 p.unlink()
             except FileNotFoundError:
