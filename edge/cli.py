@@ -307,12 +307,12 @@ def cmd_run(args) -> int:
                 raise UsageError(f"--emulator-attenuation {attenuation}: {exc}") from None
         if args.results is not None:
             results = _writable(args.results, "--results", created)
-        else:  # one new file per run; the oldest beyond --keep-runs are deleted
+        else:  # one new file per run; the oldest beyond --keep-runs are deleted once the run starts
             from .deploy.runs import new_results_path
 
             where = args.results_dir or "runs"
             try:
-                results = _writable(new_results_path(where, keep=args.keep_runs), "--results-dir", created)
+                results = _writable(new_results_path(where), "--results-dir", created)
             except OSError as exc:
                 raise UsageError(f"--results-dir {where}: {exc}") from None
         if args.applied_log:
@@ -373,7 +373,7 @@ def cmd_run(args) -> int:
     if isinstance(source, SimulatorSource):  # simulate the frames while the kernels load
         source.prepare(background=True)
     dtypes = WARMUP_DTYPES if getattr(source, "dtype", None) is None else (source.dtype,)
-    print(f"edge run: source {source!r}, loading kernels for {', '.join(map(str, dtypes))} frames ...",
+    print(f"edge run: source {source!r}, warming up kernels for {', '.join(map(str, dtypes))} frames ...",
           file=sys.stderr)
     warmup(dtypes, features=model is not None, extras=False, progress=_warmup_progress("edge run"))
     if model is not None:  # one inference; not model.warmup(), which compiles features for every dtype
@@ -422,6 +422,10 @@ def cmd_run(args) -> int:
                 policy.on_ack(state)
             if web is not None:
                 web.hub.state_source = bridge.state
+        if args.results is None and args.keep_runs:
+            from .deploy.runs import prune_runs
+
+            prune_runs(results.parent, args.keep_runs)
         status = _Status(sys.stderr, args.quiet)
         pipe = Pipeline(source, model=model, policy=policy, bridge=bridge, results=results,
                         queue_size=args.queue_size, on_frame=status, header=header,

@@ -143,7 +143,8 @@ def test_ctrl_c_during_warmup_is_one_line_exit_130(tmp_path):
             p.kill()
             p.wait(10)
     assert p.returncode == 130, err[-3000:]
-    assert err.splitlines() == ["edge run: interrupted"] and out == ""
+    lines = [ln for ln in err.splitlines() if not ln.startswith("edge run: compiling kernels")]  # progress
+    assert lines == ["edge run: interrupted"] and out == ""
 
 
 def test_bad_policy_file_named(files, capsys):

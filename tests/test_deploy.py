@@ -18,7 +18,7 @@ import pytest
 
 import edge
 from edge.deploy import cache
-from edge.deploy.runs import file_digest, new_results_path, run_header
+from edge.deploy.runs import file_digest, new_results_path, prune_runs, run_header
 from edge.deploy.service import example_site, install, udev_rule, unit_text
 from edge.deploy.site import SiteConfigError, load_site
 from edge.pipeline import Pipeline
@@ -278,19 +278,25 @@ def test_results_rotation_keeps_the_newest(tmp_path):
     for k in (0, 4):  # frames the live view saved beside two of the runs
         (d / f"run-2020010{k}-000000.frames").mkdir()
         (d / f"run-2020010{k}-000000.frames" / "f0.png").write_bytes(b"png")
-    new_results_path(d, keep=3)
+    new = new_results_path(d)
+    assert not new.exists() and new.parent == d
+    new.write_text("")
+    gone = prune_runs(d, 3)
+    assert sorted(p.name for p in gone) == [f"run-2020010{k}-000000.jsonl" for k in range(3)]
     left = sorted(x.name for x in d.glob("run-*"))
-    assert left == ["run-20200103-000000.jsonl", "run-20200104-000000.frames",
-                    "run-20200104-000000.jsonl"]  # + the new run = 3 runs
+    assert left == sorted(["run-20200103-000000.jsonl", "run-20200104-000000.frames",
+                           "run-20200104-000000.jsonl", new.name])
     assert (d / "notes.txt").exists()
     # runs started in the same second get their own files
     import datetime as dt
 
     now = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     a = new_results_path(d, now=now)
-    assert a.name == "run-20300101-000000.jsonl" and not a.exists()
+    assert a.name == "run-20300101-000000.jsonl"
     a.write_text("{}\n")
     assert new_results_path(d, now=now).name == "run-20300101-000000-2.jsonl"
+    with pytest.raises(NotADirectoryError):
+        new_results_path(d / "notes.txt")
 
 
 def test_header_and_summary_records(tmp_path):

@@ -10,6 +10,7 @@ beyond a count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -17,12 +18,11 @@ import os
 import platform
 import shutil
 import socket
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["apply_geometry", "file_digest", "new_results_path", "run_header", "RUN_GLOB"]
+__all__ = ["apply_geometry", "file_digest", "new_results_path", "prune_runs", "run_header", "RUN_GLOB"]
 
 #: Results files this module creates and rotates (``run-<UTC time>[-n].jsonl``).
 RUN_GLOB = "run-*.jsonl"
@@ -109,42 +109,43 @@ def apply_geometry(source, overrides: Mapping[str, Any]) -> None:
         source.geometry = dataclasses.replace(source.geometry, **dict(overrides))
 
 
-def new_results_path(directory: str | os.PathLike, *, keep: int | None = None,
-                     now: _dt.datetime | None = None) -> Path:
-    """A new ``run-<UTC time>.jsonl`` path in ``directory`` (created, and checked writable).
+def new_results_path(directory: str | os.PathLike, *, now: _dt.datetime | None = None) -> Path:
+    """A new ``run-<UTC time>.jsonl`` path in ``directory`` (nothing is created).
 
-    The file itself is created when the run starts, so a run that never
-    starts (an error, a stop during the warm-up) leaves nothing behind. With
-    ``keep``, the oldest run files beyond ``keep - 1`` are deleted, so at most
-    ``keep`` remain with the new one (with the live view's ``.frames``
-    directories). The name gets ``-2``, ``-3`` ... when a
-    run file from the same second exists (a quick service restart).
+    The name gets ``-2``, ``-3`` ... when a run file from the same second
+    exists (a quick service restart).
 
     Raises
     ------
-    OSError
-        The directory cannot be created or written.
+    NotADirectoryError
+        ``directory`` exists and is not a directory.
     """
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise NotADirectoryError(f"{d} is not a directory")
-    d.mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=d).close()  # writable? (permission bits lie for root and read-only mounts)
-    if keep is not None:
-        from ..web import frames_dir
-
-        old = sorted(d.glob(RUN_GLOB), key=lambda p: (p.stat().st_mtime, p.name))
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(frames_dir(p), ignore_errors=True)  # the live view's saved frames, if any
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
     stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         p = d / (f"run-{stamp}.jsonl" if n == 1 else f"run-{stamp}-{n}.jsonl")
         if not p.exists():
             return p
     raise OSError(f"{d}: more than 999 runs started in {stamp}")
+
+
+def prune_runs(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete the oldest ``run-*.jsonl`` files in ``directory`` (with the live
+    view's ``.frames`` directories beside them) so that ``keep`` remain.
+
+    Returns the files deleted. Call it once the new run's file exists, so
+    that it counts among the ``keep``.
+    """
+    from ..web import frames_dir
+
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    runs = sorted(Path(directory).glob(RUN_GLOB), key=lambda p: (p.stat().st_mtime, p.name))
+    gone = runs[: max(0, len(runs) - keep)]
+    for p in gone:
+        shutil.rmtree(frames_dir(p), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return gone
