@@ -2,10 +2,10 @@
 
 Numba compiles one function at a time per process. On a cold cache,
 :func:`edge.warmup` starts this worker as soon as it sees its first compile
-(the peak-finding kernels): the worker compiles the feature kernels (the
-larger half) meanwhile, into the same on-disk cache, and the warm-up then
-loads them. The two processes compile disjoint functions (the feature
-kernels call no kernel of another module), so they never write the same
+(the peak-finding kernels): the worker compiles the feature kernels and
+the ice-evidence kernels (the larger half) meanwhile, into the same on-disk
+cache, and the warm-up then loads them. The two processes compile disjoint functions (these kernels
+call no kernel of another module), so they never write the same
 cache index; one worker compiles every dtype in turn for the same reason.
 
 The worker needs no peak-finding kernel: it feeds the feature kernels ring
@@ -29,6 +29,7 @@ def compile_features(dtypes) -> None:
     import numpy as np
 
     from ..background import RadialStats, radial_bins
+    from ..evidence.ice import ring_profile, sampled_profile
     from ..features import frame_features_from_parts
     from ..sim import simulate
     from ..spotfinding import Peaks
@@ -42,6 +43,8 @@ def compile_features(dtypes) -> None:
         arr = np.ascontiguousarray(np.clip(sf.frame, 0, None).astype(dt))
         hi = float(np.iinfo(arr.dtype).max - 1) if arr.dtype.kind == "u" else 1.0e300
         frame_features_from_parts(arr, geom, stats, Peaks.empty(), lo_valid=0.0, hi_valid=hi)
+        ring_profile(arr, geom, stats, peaks=Peaks.empty(), lo_valid=0.0, hi_valid=hi)
+        sampled_profile(arr, stats, lo_valid=0.0, hi_valid=hi)
 
 
 def start_feature_worker(dtypes) -> subprocess.Popen:
