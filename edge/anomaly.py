@@ -15,7 +15,14 @@ Typical use (load once, classify every frame)::
     if result.flags: ...
 
 The interpreter comes from ``ai_edge_litert`` (fallback ``tflite_runtime``);
-tensors are allocated once at load. Inputs are standardised with the card's
+tensors are allocated once at load. Loading runs a self-test: the model on the
+golden inputs of ``models/golden.json`` must reproduce the recorded int8
+outputs on this machine. If the default runtime path (with the XNNPACK
+delegate) does not, the runtime paths without it are tried and the first that
+matches is used, with a warning; if none matches, loading fails with
+:class:`ModelSelfTestError`, so no command can come from a model that is wrong
+on this CPU (QEMU's "max" CPU with SVE/SME made XNNPACK return wrong outputs
+without any error). Inputs are standardised with the card's
 mean/std, clipped, and quantised with the input tensor's scale and zero point;
 outputs are dequantised with the output tensor's.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +42,17 @@ from .features import N_FEATURES, FeatureError, frame_features
 from .geometry import Geometry
 
 __all__ = ["AnomalyModel", "AnomalyResult", "AnomalyError", "AnomalyInputError", "ModelFileError",
-           "default_model_path"]
+           "ModelSelfTestError", "SelfTest", "default_model_path", "RUNTIME_PATHS"]
 
 MODEL_FILE = "anomaly_int8.tflite"
 CARD_FILE = "model_card.json"
+GOLDEN_FILE = "golden.json"
+
+#: TFLite runtime paths, in the order the self-test tries them: name ->
+#: ``OpResolverType`` member. "default" applies the XNNPACK delegate;
+#: "builtin" the optimised built-in kernels without it; "reference" the
+#: plain reference kernels (slowest, simplest; still microseconds here).
+RUNTIME_PATHS = {"default": "AUTO", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
 
 
 class AnomalyError(ValueError):
@@ -49,7 +64,11 @@ class AnomalyInputError(AnomalyError):
 
 
 class ModelFileError(AnomalyError):
-    """Model or card missing, unreadable, corrupt, or not matching the card's sha256."""
+    """Model, card or golden file missing, unreadable, corrupt, or not matching the model's sha256."""
+
+
+class ModelSelfTestError(AnomalyError):
+    """The model does not reproduce its golden outputs on this machine with any runtime path."""
 
 
 def default_model_path() -> Path:
@@ -59,15 +78,122 @@ def default_model_path() -> Path:
     return Path(models.__file__).resolve().parent / MODEL_FILE
 
 
-def _interpreter_class():
+def _interpreter_module():
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert import interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter
+            from tflite_runtime import interpreter
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ModelFileError("no TFLite runtime: install ai-edge-litert (or tflite-runtime)") from exc
-    return Interpreter
+    return interpreter
+
+
+def _interpreter_class():
+    return _interpreter_module().Interpreter
+
+
+def make_interpreter(blob: bytes, *, num_threads: int = 1, runtime_path: str = "default"):
+    """A TFLite interpreter for model bytes on one of :data:`RUNTIME_PATHS`, tensors allocated.
+
+    Raises
+    ------
+    ModelFileError
+        The bytes are not a TFLite model the runtime accepts.
+    """
+    mod = _interpreter_module()
+    resolver = getattr(mod.OpResolverType, RUNTIME_PATHS[runtime_path])
+    try:
+        it = mod.Interpreter(model_content=blob, num_threads=int(num_threads),
+                             experimental_op_resolver_type=resolver)
+        it.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"not a valid TFLite model: {exc}") from None
+    return it
+
+
+def run_int8(interpreter, q: np.ndarray) -> np.ndarray:
+    """Raw int8 outputs (n, n_out) of an allocated interpreter for int8 inputs (n, n_in), one row at a time."""
+    ind, outd = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    q = np.asarray(q, np.int8).reshape(-1, ind["shape"][-1])
+    out = np.empty((len(q), outd["shape"][-1]), np.int8)
+    for k in range(len(q)):
+        interpreter.set_tensor(ind["index"], q[k:k + 1])
+        interpreter.invoke()
+        out[k] = interpreter.get_tensor(outd["index"])[0]
+    return out
+
+
+def load_golden(path: str | Path, *, model_sha256: str) -> dict:
+    """Read a golden file (``python -m models.golden`` writes it) and check it belongs to the model.
+
+    Returns
+    -------
+    dict
+        ``inputs`` int8 (n, n_in), ``outputs`` int8 (n, n_out), ``names``, ``tolerance_lsb``,
+        ``features`` float32 (m, n_in) with ``feature_rows`` (their rows in ``inputs``).
+
+    Raises
+    ------
+    ModelFileError
+        Missing, unreadable or malformed, or recorded for another model file.
+    """
+    path = Path(path)
+    try:
+        g = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"golden file not found: {path} (the model cannot be self-tested; "
+                             "write it with: python -m models.golden --model MODEL.tflite)") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"golden file {path} is unreadable: {exc}") from None
+    try:
+        if g["model_sha256"] != model_sha256:
+            raise ModelFileError(f"golden file {path} was recorded for model sha256 {g['model_sha256'][:12]}..., "
+                                 f"this model is {model_sha256[:12]}...: re-run python -m models.golden "
+                                 "after changing the model")
+        cases = g["cases"]
+        inputs = np.array([c["input_int8"] for c in cases], dtype=np.int64)
+        outputs = np.array([c["output_int8"] for c in cases], dtype=np.int64)
+        feats = [(k, c["features"]) for k, c in enumerate(cases) if c.get("features") is not None]
+        out = {"names": [str(c["name"]) for c in cases], "tolerance_lsb": int(g["tolerance_lsb"]),
+               "features": np.array([f for _, f in feats], dtype=np.float32).reshape(len(feats), -1),
+               "feature_rows": [k for k, _ in feats]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"golden file {path} is malformed: {exc!r}") from None
+    if (not len(cases) or inputs.ndim != 2 or outputs.ndim != 2 or inputs.min() < -128 or inputs.max() > 127
+            or outputs.min() < -128 or outputs.max() > 127 or not 0 <= out["tolerance_lsb"] <= 8):
+        raise ModelFileError(f"golden file {path} is malformed: need int8 inputs and outputs, "
+                             "one row per case, and tolerance_lsb in 0..8")
+    out["inputs"], out["outputs"] = inputs.astype(np.int8), outputs.astype(np.int8)
+    return out
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    """Outcome of the load-time self-test.
+
+    Attributes
+    ----------
+    runtime_path : str
+        The :data:`RUNTIME_PATHS` entry in use (the first that reproduced the golden outputs).
+    cases : int
+        Golden cases checked; ``tolerance_lsb`` the allowed difference in int8 output steps.
+    failed : dict of str -> str
+        Runtime paths tried before ``runtime_path`` that failed, with what they got wrong.
+    """
+
+    runtime_path: str
+    cases: int
+    tolerance_lsb: int
+    failed: dict
+
+    def summary(self) -> str:
+        """One line for logs and ``edge info``."""
+        s = (f"passed ({self.cases} golden inputs, within {self.tolerance_lsb} LSB) on the "
+             f"'{self.runtime_path}' runtime path")
+        if self.failed:
+            s += "; FAILED on " + "; ".join(f"'{k}': {v}" for k, v in self.failed.items())
+        return s
 
 
 @dataclass(frozen=True)
@@ -117,8 +243,10 @@ class AnomalyModel:
         The .tflite file.
     """
 
-    def __init__(self, interpreter, card: dict, path: Path, num_threads: int):
+    def __init__(self, interpreter, card: dict, path: Path, num_threads: int, self_test: SelfTest | None = None):
         self._it = interpreter
+        self.self_test = self_test  # None only for the golden-file recorder (models.golden)
+        self.runtime_path = self_test.runtime_path if self_test else None
         self.card = card
         self.path = path
         self.num_threads = num_threads
@@ -139,8 +267,8 @@ class AnomalyModel:
     # -- loading ----------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, *, card: str | Path | dict | None = None,
-             num_threads: int = 1) -> "AnomalyModel":
-        """Load the model and its card, verify the sha256, allocate tensors.
+             golden: str | Path | None = None, num_threads: int = 1) -> "AnomalyModel":
+        """Load the model and its card, verify the sha256, allocate tensors, self-test.
 
         Parameters
         ----------
@@ -148,14 +276,18 @@ class AnomalyModel:
             The .tflite file; default the shipped ``models/anomaly_int8.tflite``.
         card : str, Path or dict, optional
             Model card; default ``model_card.json`` beside ``path``.
+        golden : str or Path, optional
+            Golden inputs and recorded outputs; default ``golden.json`` beside ``path``.
         num_threads : int
             Interpreter threads (1 keeps the latency predictable on a small board).
 
         Raises
         ------
         ModelFileError
-            Missing/unreadable/corrupt model or card, sha256 mismatch, or a
-            model whose tensors do not match the card.
+            Missing/unreadable/corrupt model, card or golden file, sha256
+            mismatch, or a model whose tensors do not match the card.
+        ModelSelfTestError
+            No runtime path reproduces the golden outputs on this machine.
         """
         if int(num_threads) < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
@@ -185,17 +317,59 @@ class AnomalyModel:
             raise ModelFileError(f"sha256 of {path} is {got}, the model card says {want}: "
                                  "the model file is corrupt or does not belong to this card")
         try:
-            it = _interpreter_class()(model_content=blob, num_threads=int(num_threads))
-            it.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{path} is not a valid TFLite model: {exc}") from None
+            it = make_interpreter(blob, num_threads=num_threads)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path} is {exc}") from None
         ind, outd = it.get_input_details(), it.get_output_details()
         if (len(ind) != 1 or len(outd) != 1 or tuple(ind[0]["shape"]) != (1, N_FEATURES)
                 or tuple(outd[0]["shape"]) != (1, len(classes))
                 or ind[0]["dtype"] != np.int8 or outd[0]["dtype"] != np.int8):
             raise ModelFileError(f"{path}: expected int8 input (1, {N_FEATURES}) and int8 output "
                                  f"(1, {len(classes)}), got {[(d['shape'], d['dtype']) for d in ind + outd]}")
-        return cls(it, card, path, int(num_threads))
+        gold = load_golden(golden if golden is not None else path.with_name(GOLDEN_FILE), model_sha256=got)
+        model = cls(it, card, path, int(num_threads))
+        model._self_test(blob, gold)
+        return model
+
+    def _self_test(self, blob: bytes, gold: dict) -> None:
+        """Pick the first runtime path that reproduces the golden outputs, or raise."""
+        tol = gold["tolerance_lsb"]
+        rows = gold["feature_rows"]
+        if rows:  # the NumPy standardisation and quantisation, on this machine
+            dq = np.abs(self.quantize(gold["features"]).astype(np.int16) - gold["inputs"][rows])
+            if dq.max() > 1:
+                k = int(np.argmax(dq.max(axis=1)))
+                raise ModelSelfTestError(
+                    f"anomaly model self-test FAILED: quantising golden features '{gold['names'][rows[k]]}' "
+                    f"is off by {int(dq.max())} steps on this machine; refusing to flag anything")
+        failed = {}
+        for name in RUNTIME_PATHS:
+            it = self._it if name == "default" else make_interpreter(blob, num_threads=self.num_threads,
+                                                                     runtime_path=name)
+            got = run_int8(it, gold["inputs"]).astype(np.int16)
+            diff = np.abs(got - gold["outputs"])
+            if diff.max() <= tol:
+                break
+            k = int(np.argmax(diff.max(axis=1)))
+            failed[name] = (f"golden input '{gold['names'][k]}' gave {got[k].tolist()}, recorded "
+                            f"{gold['outputs'][k].tolist()} ({int((diff.max(axis=1) > tol).sum())} of "
+                            f"{len(diff)} inputs off by more than {tol} LSB)")
+        else:
+            raise ModelSelfTestError(
+                "anomaly model self-test FAILED on this machine: the TFLite runtime does not reproduce the "
+                "model's recorded outputs on any runtime path, so its flags cannot be trusted; refusing to "
+                f"flag anything (no command will come from it). {'; '.join(f'{k}: {v}' for k, v in failed.items())}")
+        with self._lock:
+            self._it = it
+            ind, outd = it.get_input_details()[0], it.get_output_details()[0]
+            self._in_index, self._out_index = ind["index"], outd["index"]
+        self.self_test = SelfTest(name, len(gold["names"]), tol, failed)
+        self.runtime_path = name
+        if failed:
+            msg = (f"anomaly model self-test: the default TFLite path (XNNPACK) gives WRONG outputs on this CPU; "
+                   f"using the '{name}' path, which reproduces all {len(gold['names'])} golden outputs. "
+                   + self.self_test.summary())
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     # -- inference ----------------------------------------------------------------
     def quantize(self, features: np.ndarray) -> np.ndarray:

@@ -358,6 +358,7 @@ def cmd_run(args) -> int:
             _remove(created)
             print(f"edge run: --model: {exc}", file=sys.stderr)
             return 2
+        print(f"edge run: model self-test {model.self_test.summary()}", file=sys.stderr)
     header = _run_header(args, source, policy, model, results)
     web = None
     if args.web is not None:  # bound before the warm-up: a busy port fails at once
@@ -652,7 +653,14 @@ def cmd_info(args) -> int:
         return s
 
     _touch(10)
-    print(f"numba threads:  {numba.get_num_threads()} (layer {numba.threading_layer()}; set NUMBA_NUM_THREADS)")
+    layer = numba.threading_layer()
+    print(f"numba threads:  {numba.get_num_threads()} (layer {layer}; set NUMBA_NUM_THREADS)")
+    try:  # the layer Numba picks silently when OpenMP is missing is 'workqueue'
+        from numba.np.ufunc import omppool  # noqa: F401
+    except ImportError as exc:
+        print(f"WARNING:        OpenMP threading layer unavailable ({exc}); Numba runs on '{layer}': the "
+              "OMP_*/GOMP_* settings do nothing and kernels are slower. Install libgomp "
+              "(Debian/Raspberry Pi OS: sudo apt install libgomp1)", file=sys.stderr)
     from .pipeline import default_workers
 
     print("pipeline:       {} worker(s) x {} Numba thread(s) by default (edge run --workers/--threads)"
@@ -662,14 +670,24 @@ def cmd_info(args) -> int:
     wait = os.environ.get("OMP_WAIT_POLICY") or "unset (spin GOMP_SPINCOUNT times, then sleep)"
     print(f"OpenMP wait:    OMP_WAIT_POLICY {wait}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT') or 'default'}")
     try:
+        from cobs import cobs
+
+        ext = "C extension" if getattr(cobs, "_using_extension", False) else "pure Python (no C extension built)"
+    except ImportError as exc:
+        ext = f"not importable: {exc}"
+    print(f"cobs framing:   {ext}")
+    try:
         from .anomaly import AnomalyModel, _interpreter_class
 
         model = AnomalyModel.load()
         it = _interpreter_class()
-        print(f"model runtime:  {it.__module__}.{it.__name__}")
+        print(f"model runtime:  {it.__module__}.{it.__name__}, '{model.runtime_path}' path")
         print(f"model:          {model.path} ({model.path.stat().st_size} bytes), classes {', '.join(model.classes)}")
+        print(f"self-test:      {model.self_test.summary()}")
     except Exception as exc:  # info must print whatever it can
         print(f"model:          not loadable: {exc}")
+        print("self-test:      FAILED or not run: the model would be refused by edge run")
+        return 1
     return 0
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge import find_peaks, radial_stats
-from edge.anomaly import AnomalyInputError, AnomalyModel, ModelFileError, default_model_path
+from edge.anomaly import AnomalyInputError, AnomalyModel, ModelFileError, ModelSelfTestError, default_model_path
 from edge.anomaly_data import CLASSES, make_dataset
 from edge.features import N_FEATURES
 from edge.sim import simulate
@@ -274,3 +274,138 @@ def test_corrupt_card(tmp_path):
 def test_bad_thread_count():
     with pytest.raises(ValueError):
         AnomalyModel.load(num_threads=0)
+
+
+# ---------------------------------------------------------------------------
+# Self-test at load (models/golden.json)
+# ---------------------------------------------------------------------------
+GOLDEN = json.loads((MODELS / "golden.json").read_text())
+
+
+def _model_dir(tmp_path, golden=None):
+    """The shipped model and card in tmp_path, with ``golden`` (dict) or the shipped golden file."""
+    for name in ("anomaly_int8.tflite", "model_card.json"):
+        shutil.copy(MODELS / name, tmp_path / name)
+    (tmp_path / "golden.json").write_text(json.dumps(golden if golden is not None else GOLDEN))
+    return tmp_path / "anomaly_int8.tflite"
+
+
+def test_self_test_passes_on_the_default_path(model):
+    st = model.self_test
+    assert st.runtime_path == "default" and model.runtime_path == "default"
+    assert st.failed == {} and st.cases == len(GOLDEN["cases"]) >= 10
+    assert "passed" in st.summary() and "FAILED" not in st.summary()
+    assert GOLDEN["model_sha256"] == CARD["files"]["tflite"]["sha256"]
+
+
+def test_golden_file_covers_every_class_and_the_issue_case():
+    names = [c["name"] for c in GOLDEN["cases"]]
+    assert names[0] == "all-zero int8 input"
+    assert GOLDEN["cases"][0]["input_int8"] == [0] * N_FEATURES
+    # recorded on x86-64; QEMU's "max" CPU made XNNPACK return [-128]*5 + [87] here
+    assert GOLDEN["cases"][0]["output_int8"] == [-17, -123, -89, -128, 122, -122]
+    labels = {lab for n in names if n.startswith("seed ") for lab in n.split(": ")[1].split("+")}
+    assert labels >= set(CLASSES) | {"normal"}
+
+
+def test_golden_file_regenerates_identically(tmp_path):
+    from models.golden import main as golden_main
+
+    assert golden_main(["--out", str(tmp_path / "g.json")]) == 0
+    new = json.loads((tmp_path / "g.json").read_text())
+    assert new["model_sha256"] == GOLDEN["model_sha256"]
+    for a, b in zip(new["cases"], GOLDEN["cases"], strict=True):
+        assert (a["name"], a["input_int8"], a["output_int8"]) == (b["name"], b["input_int8"], b["output_int8"])
+
+
+def test_tampered_golden_output_refused_loudly(tmp_path):
+    bad = json.loads(json.dumps(GOLDEN))
+    bad["cases"][0]["output_int8"][0] += 20  # -17 -> 3: no runtime path reproduces that
+    path = _model_dir(tmp_path, bad)
+    with pytest.raises(ModelSelfTestError, match="self-test FAILED.*refusing to flag") as exc:
+        AnomalyModel.load(path)
+    for name in ("default", "builtin", "reference"):
+        assert f"{name}: golden input 'all-zero int8 input' gave [-17," in str(exc.value)
+
+
+def test_tampered_golden_features_refused(tmp_path):
+    bad = json.loads(json.dumps(GOLDEN))
+    k = next(i for i, c in enumerate(bad["cases"]) if c["features"] is not None)
+    bad["cases"][k]["features"] = [v + 1e3 for v in bad["cases"][k]["features"]]
+    with pytest.raises(ModelSelfTestError, match="quantising golden features"):
+        AnomalyModel.load(_model_dir(tmp_path, bad))
+
+
+def test_golden_of_another_model_missing_or_malformed(tmp_path):
+    other = dict(GOLDEN, model_sha256="0" * 64)
+    with pytest.raises(ModelFileError, match="re-run python -m models.golden"):
+        AnomalyModel.load(_model_dir(tmp_path, other))
+    (tmp_path / "golden.json").unlink()
+    with pytest.raises(ModelFileError, match="golden file not found"):
+        AnomalyModel.load(tmp_path / "anomaly_int8.tflite")
+    (tmp_path / "golden.json").write_text("{")
+    with pytest.raises(ModelFileError, match="unreadable"):
+        AnomalyModel.load(tmp_path / "anomaly_int8.tflite")
+    for broken in ({**GOLDEN, "cases": []}, {**GOLDEN, "tolerance_lsb": 100},
+                   {**GOLDEN, "cases": [{"name": "x", "input_int8": [300] * N_FEATURES, "output_int8": [0] * 6}]},
+                   {k: v for k, v in GOLDEN.items() if k != "cases"}):
+        (tmp_path / "golden.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelFileError, match="malformed"):
+            AnomalyModel.load(tmp_path / "anomaly_int8.tflite")
+
+
+def _wrong_runtime(monkeypatch, wrong_paths):
+    """Make the real interpreter return the outputs seen with XNNPACK on QEMU's "max" CPU
+    (SVE/SME) for the runtime paths in ``wrong_paths``; the model still runs for real."""
+    import types
+
+    from ai_edge_litert import interpreter as real
+    from edge import anomaly
+
+    wrong = {getattr(real.OpResolverType, anomaly.RUNTIME_PATHS[p]) for p in wrong_paths}
+
+    class Interpreter(real.Interpreter):
+        def __init__(self, *a, experimental_op_resolver_type=real.OpResolverType.AUTO, **kw):
+            super().__init__(*a, experimental_op_resolver_type=experimental_op_resolver_type, **kw)
+            self._wrong = experimental_op_resolver_type in wrong
+
+        def get_tensor(self, index, *a):
+            out = super().get_tensor(index, *a)
+            if self._wrong and index == self.get_output_details()[0]["index"]:
+                out = np.array([[-128, -128, -128, -128, -128, 87]], np.int8)
+            return out
+
+    monkeypatch.setattr(anomaly, "_interpreter_module",
+                        lambda: types.SimpleNamespace(Interpreter=Interpreter, OpResolverType=real.OpResolverType))
+
+
+def test_wrong_xnnpack_outputs_fall_back_to_a_path_that_matches(monkeypatch, model, fresh):
+    _wrong_runtime(monkeypatch, ["default"])
+    with pytest.warns(RuntimeWarning, match="XNNPACK.*WRONG outputs.*'builtin' path"):
+        fallback = AnomalyModel.load()
+    assert fallback.runtime_path == "builtin"
+    assert "default" in fallback.self_test.failed and "[-128, -128, -128, -128, -128, 87]" in \
+        fallback.self_test.summary()
+    x = fresh[0][:50]  # the fallback's flags are the shipped model's, not the wrong path's
+    np.testing.assert_allclose(fallback.predict_proba(x), model.predict_proba(x), atol=4 / 256)
+
+
+def test_wrong_outputs_on_every_path_refuse_the_model(monkeypatch):
+    _wrong_runtime(monkeypatch, ["default", "builtin", "reference"])
+    with pytest.raises(ModelSelfTestError, match="refusing to flag anything"):
+        AnomalyModel.load()
+
+
+def test_edge_run_refuses_a_model_that_fails_its_self_test(tmp_path):
+    import subprocess
+    import sys
+
+    bad = json.loads(json.dumps(GOLDEN))
+    bad["cases"][3]["output_int8"] = [0] * 6
+    path = _model_dir(tmp_path, bad)
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--model", str(path), "--frames", "1",
+                        "--dry-run", "--rate", "max", "--results", str(tmp_path / "r.jsonl")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "self-test FAILED" in r.stderr and "warming up" not in r.stderr
+    assert not (tmp_path / "r.jsonl").exists()
