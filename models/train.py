@@ -442,6 +442,7 @@ def main(argv=None) -> int:
         prev = json.loads(prev_path.read_text())
         card.update({k: prev[k] for k in ("evidence_gate", "real_frames") if k in prev})
     (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    print("next: python -m models.golden (runtime venv) to record the self-test outputs of the new model")
     print(json.dumps({"val_macro_f1": card["metrics_validation_keras"]["macro_f1"],
                       "val_f1": {k: v["f1"] for k, v in card["metrics_validation_keras"]["per_class"].items()},
                       "macro_f1_int8": m_int8["macro_f1"], "macro_f1_float": m_float["macro_f1"],

@@ -379,14 +379,15 @@ def _wrong_runtime(monkeypatch, wrong_paths):
                         lambda: types.SimpleNamespace(Interpreter=Interpreter, OpResolverType=real.OpResolverType))
 
 
-def test_wrong_xnnpack_outputs_fall_back_to_a_path_that_matches(monkeypatch, model, fresh):
+def test_wrong_xnnpack_outputs_fall_back_to_a_path_that_matches(monkeypatch, model):
     _wrong_runtime(monkeypatch, ["default"])
     with pytest.warns(RuntimeWarning, match="XNNPACK.*WRONG outputs.*'builtin' path"):
         fallback = AnomalyModel.load()
     assert fallback.runtime_path == "builtin"
     assert "default" in fallback.self_test.failed and "[-128, -128, -128, -128, -128, 87]" in \
         fallback.self_test.summary()
-    x = fresh[0][:50]  # the fallback's flags are the shipped model's, not the wrong path's
+    # the fallback's flags are the shipped model's, not the wrong path's
+    x = np.array([c["features"] for c in GOLDEN["cases"] if c["features"] is not None], np.float32)
     np.testing.assert_allclose(fallback.predict_proba(x), model.predict_proba(x), atol=4 / 256)
 
 
