@@ -343,8 +343,9 @@ class Check:
         files = sorted(os.listdir(d))
         shutil.rmtree(d)
         wheels = [f for f in files if f.endswith(".whl")]
+        # name-version of each: pip may pick older releases for 3.10 (ai-edge-litert 2.x has no cp310 aarch64)
         return {"wheels": len(wheels), "sdists": [f for f in files if not f.endswith(".whl")],
-                "platform_wheels": sorted(f for f in wheels if "aarch64" in f)}
+                "aarch64_wheels": sorted("-".join(f.split("-")[:2]) for f in wheels if "aarch64" in f)}
 
     # -- report ---------------------------------------------------------------------
     def write_report(self):
