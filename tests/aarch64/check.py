@@ -142,7 +142,7 @@ class Check:
     def run(self, cmd: str, *, cpu: str = "cortex-a76", timeout: float = 1200, check: bool = True,
             pi5_cpuinfo: bool = True) -> subprocess.CompletedProcess:
         """Run a shell command inside the emulated root (own mount namespace, niced, time-bounded)."""
-        env_in = {"PATH": "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+        env_in = {"PATH": "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
                   "QEMU_CPU": cpu, "GOMP_SPINCOUNT": "0", "PIP_CERT": "/etc/ssl/certs/ca-certificates.crt",
                   "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "",
                   "NUMBA_CACHE_DIR": "", "TERM": "dumb"}
@@ -305,23 +305,27 @@ class Check:
         self.run(cmd, timeout=3600)
         return {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "which": label}
 
-    def edge_run(self, *, dry_run: bool):
-        out = f"/src/runs/aarch64-{'dry' if dry_run else 'pty'}.jsonl"
+    def edge_run(self, *, dry_run: bool, cpu: str = "cortex-a76"):
+        out = f"/src/runs/aarch64-{'dry' if dry_run else 'pty'}-{cpu}.jsonl"
         flags = "--dry-run " if dry_run else ""
         cmd = f"edge run --layout 1m --frames 100 --rate max --quiet {flags}--results {out}"
         t0 = time.perf_counter()
-        self.run(cmd, timeout=3600)
+        p = self.run(cmd, timeout=3600, cpu=cpu)
         secs = round(time.perf_counter() - t0, 1)
-        arm = _frames(self.root / out.lstrip("/"))
+        # on the max CPU the model runs on the fallback path, whose int8 outputs may differ by a few
+        # LSB: compare what decides commands there, everything on the Pi 5 CPU
+        keys = ("n_peaks", "flags", "actions") if cpu == "max" else ("n_peaks", "flags", "probabilities", "actions")
+        arm = _frames(self.root / out.lstrip("/"), keys)
         host_out = Path(tempfile.mkdtemp()) / "host.jsonl"
         subprocess.run([str(REPO / ".venv/bin/edge"), *cmd.replace(out, str(host_out)).split()[1:]],
                        cwd=REPO, capture_output=True, text=True, timeout=1800, check=True,
                        env={**os.environ, "GOMP_SPINCOUNT": "0"})
-        host = _frames(host_out)
+        host = _frames(host_out, keys)
         diff = [k for k in sorted(set(arm) | set(host)) if arm.get(k) != host.get(k)]
         cmds = sum(len([a for a in v["actions"] if a.get("action") == "command"]) for v in arm.values())
-        detail = {"command": cmd, "seconds": secs, "frames": len(arm), "commands": cmds,
-                  "frames_differing_from_x86": len(diff)}
+        detail = {"command": cmd, "cpu": cpu, "seconds": secs, "frames": len(arm), "commands": cmds,
+                  "frames_differing_from_x86": len(diff),
+                  "self_test": (re.findall(r"model self-test (.*)", p.stderr) or ["?"])[0][:160]}
         if len(arm) != 100 or diff:
             raise StepFailed(f"{detail}; first differing frames {diff[:5]}")
         return detail
@@ -373,12 +377,12 @@ class StepFailed(Exception):
     pass
 
 
-def _frames(path: Path) -> dict:
+def _frames(path: Path, keys) -> dict:
     out = {}
     for line in Path(path).read_text().splitlines():
         rec = json.loads(line)
         if rec.get("type") == "frame":
-            out[rec["frame"]] = {k: rec[k] for k in ("n_peaks", "flags", "probabilities", "actions")}
+            out[rec["frame"]] = {k: rec[k] for k in keys}
     return out
 
 
@@ -432,21 +436,18 @@ def main(argv=None) -> int:
     c.step("one kernel vs NumPy: test_ring_moments_matches_bincount",
            lambda: c.pytest("tests/test_core_kernels.py -k test_ring_moments_matches_bincount", timeout=2400))
     c.step("bridge framing tests", lambda: c.pytest("tests/test_bridge_framing.py", timeout=1800))
-    if not args.quick:
+    c.step("cp310 aarch64 wheels resolve (JetPack 6)", c.cp310_wheels)
+    if not args.quick:  # cheapest first: the warm-up compiles every kernel (~30 min under emulation)
+        c.step("test subset: bridge and policy",
+               lambda: c.pytest("tests/test_bridge_commands.py tests/test_bridge_channel.py "
+                                "tests/test_bridge_exactly_once.py tests/test_policy.py", timeout=3600))
+        c.step("test subset: anomaly runtime and self-test",
+               lambda: c.pytest("tests/test_anomaly.py -k '(self_test or golden or tampered or wrong or refuse or "
+                                "bad_features or missing or corrupt or card) and not regenerates'", timeout=3600))
         c.step("warm-up, cold Numba cache", lambda: c.warmup("cold"))
         c.step("warm-up, cached", lambda: c.warmup("cached"))
         c.step("edge run, simulator, dry-run, 100 frames vs x86", lambda: c.edge_run(dry_run=True))
         c.step("edge run, simulator, emulator on a pty, 100 frames vs x86", lambda: c.edge_run(dry_run=False))
-        c.step("test subset: bridge and policy",
-               lambda: c.pytest("tests/test_bridge_framing.py tests/test_bridge_commands.py "
-                                "tests/test_bridge_channel.py tests/test_bridge_exactly_once.py tests/test_policy.py",
-                                timeout=3600))
-        c.step("test subset: anomaly runtime and self-test",
-               lambda: c.pytest("tests/test_anomaly.py -k 'self_test or golden or tampered or wrong or refuse or "
-                                "bad_features or missing or corrupt or card'", timeout=3600))
-    c.step("cp310 aarch64 wheels resolve (JetPack 6)", c.cp310_wheels)
+        c.step("edge run on QEMU 'max' CPU (self-test fallback), dry-run, 100 frames vs x86",
+               lambda: c.edge_run(dry_run=True, cpu="max"))
     return c.finish()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
