@@ -410,3 +410,21 @@ def test_edge_run_refuses_a_model_that_fails_its_self_test(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "self-test FAILED" in r.stderr and "warming up" not in r.stderr
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_edge_info_reports_self_test_threading_layer_and_cobs():
+    import subprocess
+    import sys
+
+    from cobs import cobs
+
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "info"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import numba  # the layer this interpreter would pick; libgomp is present here, so OpenMP, and no warning
+
+    from numba.np.ufunc import omppool  # noqa: F401
+    assert "(layer omp;" in r.stdout and "WARNING" not in r.stdout + r.stderr
+    assert numba.config.THREADING_LAYER in ("default", "omp")
+    want = "C extension" if cobs._using_extension else "pure Python (no C extension built)"
+    assert f"cobs framing:   {want}" in r.stdout
+    assert "self-test:      passed (13 golden inputs, within 4 LSB) on the 'default' runtime path" in r.stdout

@@ -451,3 +451,7 @@ def main(argv=None) -> int:
         c.step("edge run on QEMU 'max' CPU (self-test fallback), dry-run, 100 frames vs x86",
                lambda: c.edge_run(dry_run=True, cpu="max"))
     return c.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
