@@ -360,9 +360,14 @@ class Check:
         (out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
         lines = [f"aarch64 check ({doc['mode']}), {doc['started_utc']}, commit {doc['git']}, host {doc['host_cpu']}"
                  f" (QEMU user-mode emulation, shared machine: timings are rough)", "",
-                 "| step | result | time | detail |", "|---|---|---|---|"]
+                 ]
+        if doc.get("packages"):
+            key = ("numpy", "numba", "llvmlite", "ai-edge-litert", "cobs", "pyserial", "fabio", "h5py", "hdf5plugin")
+            lines += [f"{doc.get('python', '')} in the root; " + ", ".join(
+                f"{k} {doc['packages'][k]}" for k in key if k in doc["packages"]), ""]
+        lines += ["| step | result | time | detail |", "|---|---|---|---|"]
         for s in self.steps:
-            lines.append(f"| {s['step']} | {s['status']} | {_dur(s['seconds'])} | {_short(s['detail'], 300)} |")
+            lines.append(f"| {s['step']} | {s['status']} | {_dur(s['seconds'])} | {_short(s['detail'], 400)} |")
         (out / "report.md").write_text("\n".join(lines) + "\n")
 
     def finish(self) -> int:
@@ -406,7 +411,10 @@ def _tail(text: str, n: int = 6) -> str:
 
 
 def _short(detail, n: int = 200) -> str:
-    s = detail if isinstance(detail, str) else json.dumps(detail)
+    if isinstance(detail, dict):
+        s = "; ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in detail.items())
+    else:
+        s = str(detail)
     s = s.replace("\n", " ").replace("|", "/")
     return s if len(s) <= n else s[: n - 3] + "..."
 
@@ -423,8 +431,17 @@ def main(argv=None) -> int:
                     help="root tarball, pip cache and the work root (default ~/.cache/xray-edge-aarch64)")
     ap.add_argument("--report-dir", default=str(REPO / "runs" / "aarch64"), help="report.json and report.md")
     ap.add_argument("--rebuild-root", action="store_true", help="rebuild the cached root tarball")
+    ap.add_argument("--render", action="store_true", help="only rewrite report.md from report.json")
     args = ap.parse_args(argv)
     c = Check(args)
+    if args.render:
+        doc = json.loads((Path(args.report_dir) / "report.json").read_text())
+        c.steps = doc.pop("steps")
+        doc.pop("passed")
+        c.info = doc
+        c.write_report()
+        print((Path(args.report_dir) / "report.md").read_text())
+        return 0
     c.step("host: qemu-aarch64 binfmt, tools", c.host_setup, critical=True)
     c.step("arm64 Debian bookworm root (cached tarball) + source copy", c.root_tarball, critical=True)
     c.step("pip install . (no compiler in the root)", c.pip_install, critical=True)
