@@ -47,6 +47,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,11 @@ class Check:
             detail, status = str(exc), "FAIL"
         except subprocess.TimeoutExpired as exc:
             detail, status = f"timed out after {exc.timeout:.0f} s", "FAIL"
+        except KeyboardInterrupt:  # SIGINT or SIGTERM: record how far this step got, then stop
+            rec = {"step": name, "status": "interrupted", "seconds": round(time.perf_counter() - t0, 1),
+                   "detail": "check stopped before this step finished"}
+            self.steps.append(rec)
+            raise SystemExit(self.finish())
         rec = {"step": name, "status": status, "seconds": round(time.perf_counter() - t0, 1), "detail": detail}
         self.steps.append(rec)
         print(f"[aarch64] {name}: {status} in {rec['seconds']} s: {_short(detail)}", flush=True)
@@ -158,8 +164,15 @@ class Check:
                                         + shlex.quote(f"cd /src && {cmd}"))
         full = ["nice", "-n", "10", "timeout", "-k", "10", str(int(timeout)),
                 "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-        p = subprocess.run(full, capture_output=True, text=True, env={**os.environ, "QEMU_CPU": cpu},
-                           timeout=timeout + 30)
+        # own process group: an interrupted check leaves no emulated process behind
+        with subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "QEMU_CPU": cpu}, start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout + 30)
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+        p = subprocess.CompletedProcess(full, proc.returncode, out, err)
         log = self.work / "logs"
         log.mkdir(exist_ok=True)
         with open(log / "commands.log", "a") as fh:
@@ -433,6 +446,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rebuild-root", action="store_true", help="rebuild the cached root tarball")
     ap.add_argument("--render", action="store_true", help="only rewrite report.md from report.json")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     c = Check(args)
     if args.render:
         doc = json.loads((Path(args.report_dir) / "report.json").read_text())
