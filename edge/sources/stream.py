@@ -300,9 +300,12 @@ class StreamSource(FrameSource):
         if self._thread is not None:
             self._thread.join(timeout=2.0)  # it closes the sockets
         else:
-            self._sock.disable_monitor()
-            self._monitor.close(0)
-            self._sock.close(0)
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(0)
+        self._sock.close(0)
 
     # ------------------------------------------------------------------ receiver thread
     def _receive(self) -> None:
@@ -327,9 +330,7 @@ class StreamSource(FrameSource):
             log.exception("stream receiver stopped: %s", exc)
             self._event({"type": "stream_error", "kind": "receiver", "error": f"{type(exc).__name__}: {exc}"})
         finally:
-            self._sock.disable_monitor()
-            self._monitor.close(0)
-            self._sock.close(0)
+            self._close_sockets()
 
     def _on_monitor(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
