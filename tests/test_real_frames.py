@@ -297,3 +297,10 @@ def test_dry_run_over_real_grid_scan_frames(model):
     assert recs[3]["evidence"]["blank"]["verdict"] == "blank"
     assert recs[3]["evidence_summary"].startswith("blank: 2 clear peaks, background ")
     json.dumps(recs[3])
+
+
+def test_evidence_line_caps_scatter_ratio_of_sparse_frames():
+    # the ring-mean ratio over near-zero rings of a sparse frame reads in the millions
+    from edge.evidence.gate import _times
+
+    assert _times(3.8) == "x3.80" and _times(16857280.0) == ">x1000"

@@ -92,7 +92,7 @@ def _why(cls: str, ev: dict) -> str:
     if cls in ("blank", "no_beam"):
         verdict = "" if ev.get("verdict") == cls else f"{ev.get('verdict')}: "
         return (f"{verdict}{ev.get('clear_peaks')} clear peaks, background "
-                f"{ev.get('background_counts_per_px', 0):.3g} counts/px, scatter x{ev.get('scatter_ratio', 1):.2f} "
+                f"{ev.get('background_counts_per_px', 0):.3g} counts/px, scatter {_times(ev.get('scatter_ratio', 1))} "
                 f"(z {ev.get('scatter_z', 0):.0f})")
     if cls == "beam_off_center":
         return ev.get("reason", ev.get("verdict", ""))
@@ -260,3 +260,8 @@ class EvidenceGate:
         return Assessment(flags=tuple(flags), proposed=proposed,
                           unconfirmed=tuple(c for c in proposed if c not in flags),
                           raised=tuple(c for c in flags if c not in proposed), evidence=ev)
+
+
+def _times(ratio: float) -> str:
+    """A ratio for people: over the near-zero rings of a sparse frame it can be astronomically large."""
+    return f"x{ratio:.2f}" if ratio < 1000 else ">x1000"
