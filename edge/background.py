@@ -118,6 +118,34 @@ def radial_bins(shape: tuple[int, int], *, center=None, geometry: Geometry | Non
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
+# In a ``parallel=True`` kernel every array expression (``np.zeros``, ``+=`` on
+# arrays, slice assignment) becomes a parallel region of its own, and each
+# region wakes the sleeping worker threads (GOMP_SPINCOUNT is short, see
+# edge/__init__.py): tens to hundreds of microseconds each. The parallel
+# kernels therefore allocate with ``np.empty``, zero their chunk inside the
+# ``prange`` body with :func:`_zero` and merge chunks with :func:`_sum_chunks`
+# (plain functions run serially): one parallel region per kernel call.
+@njit(cache=True, nogil=True)
+def _zero(a):
+    """Set a C-contiguous array to 0 in place."""
+    flat = a.reshape(-1)
+    for k in range(flat.shape[0]):
+        flat[k] = 0
+
+
+@njit(cache=True, nogil=True)
+def _sum_chunks(parts, out):
+    """``out[...] = parts.sum(axis=0)`` for C-contiguous arrays, serially."""
+    p = parts.reshape(parts.shape[0], -1)
+    o = out.reshape(-1)
+    for k in range(o.shape[0]):
+        o[k] = 0
+    for c in range(p.shape[0]):
+        for k in range(o.shape[0]):
+            o[k] += p[c, k]
+    return out
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _ring_moments(frame, index, nbins, lo, hi, row_step, nchunks):
     """Count, sum and sum of squares per ring of pixels with lo[b] <= v <= hi[b].
@@ -128,12 +156,13 @@ def _ring_moments(frame, index, nbins, lo, hi, row_step, nchunks):
     (a scatter-add per pixel would serialise on store-to-load forwarding).
     """
     ny, nx = frame.shape
-    acc = np.zeros((nchunks, 3, nbins), dtype=np.float64)
+    acc = np.empty((nchunks, 3, nbins), dtype=np.float64)
     nrows = (ny + row_step - 1) // row_step
     for c in prange(nchunks):
         r0 = c * nrows // nchunks
         r1 = (c + 1) * nrows // nchunks
         a = acc[c]
+        _zero(a)
         for rr in range(r0, r1):
             i = rr * row_step
             cur = -1
@@ -166,10 +195,7 @@ def _ring_moments(frame, index, nbins, lo, hi, row_step, nchunks):
                 a[0, cur] += n
                 a[1, cur] += s1
                 a[2, cur] += s2
-    out = np.zeros((3, nbins), dtype=np.float64)
-    for c in range(nchunks):
-        out += acc[c]
-    return out
+    return _sum_chunks(acc, np.empty((3, nbins), dtype=np.float64))
 
 
 @njit(cache=True, nogil=True)
@@ -229,14 +255,16 @@ def _ring_histogram(frame, index, nbins, hi_valid, row_step, nchunks):
     chunk did not fit (a high-background frame: use the pixel passes).
     """
     ny, nx = frame.shape
-    hist = np.zeros((nchunks, nbins, HIST_BINS), dtype=np.int32)
+    hist = np.empty((nchunks, nbins, HIST_BINS), dtype=np.int32)
     ob = np.empty((nchunks, OVERFLOW_CAP), dtype=np.int64)
     ov = np.empty((nchunks, OVERFLOW_CAP), dtype=np.float64)
-    on = np.zeros(nchunks, dtype=np.int64)
-    full = np.zeros(nchunks, dtype=np.bool_)
+    on = np.empty(nchunks, dtype=np.int64)
+    full = np.empty(nchunks, dtype=np.bool_)
     nrows = (ny + row_step - 1) // row_step
     for c in prange(nchunks):
         h = hist[c]
+        _zero(h)
+        full[c] = False
         k = 0
         for rr in range(c * nrows // nchunks, (c + 1) * nrows // nchunks):
             i = rr * row_step
@@ -256,11 +284,10 @@ def _ring_histogram(frame, index, nbins, hi_valid, row_step, nchunks):
                 else:
                     full[c] = True
         on[c] = k
-    tot = np.zeros((nbins, HIST_BINS), dtype=np.int64)
-    for c in range(nchunks):
-        tot += hist[c]
+    tot = _sum_chunks(hist, np.empty((nbins, HIST_BINS), dtype=np.int64))
     # counting sort of the large values by ring
-    ptr = np.zeros(nbins + 1, dtype=np.int64)
+    ptr = np.empty(nbins + 1, dtype=np.int64)
+    _zero(ptr)
     for c in range(nchunks):
         for k in range(on[c]):
             ptr[ob[c, k] + 1] += 1
@@ -342,11 +369,17 @@ def _integral_images(frame, valid, lo_valid, hi_valid, nchunks):
     columns.
     """
     ny, nx = frame.shape
-    n = np.zeros((ny + 1, nx + 1), dtype=np.float64)
-    s = np.zeros((ny + 1, nx + 1), dtype=np.float64)
-    q = np.zeros((ny + 1, nx + 1), dtype=np.float64)
+    n = np.empty((ny + 1, nx + 1), dtype=np.float64)
+    s = np.empty((ny + 1, nx + 1), dtype=np.float64)
+    q = np.empty((ny + 1, nx + 1), dtype=np.float64)
+    _zero(n[0])
+    _zero(s[0])
+    _zero(q[0])
     for c in prange(nchunks):
         for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            n[i + 1, 0] = 0.0
+            s[i + 1, 0] = 0.0
+            q[i + 1, 0] = 0.0
             cn = 0.0
             cs = 0.0
             cq = 0.0

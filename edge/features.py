@@ -57,7 +57,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._validate import as_frame, check_geometry
-from .background import RadialStats, prepare_frame, radial_stats
+from .background import RadialStats, _sum_chunks, _zero, prepare_frame, radial_stats
 from .geometry import Geometry
 from .sim import ICE_D_SPACINGS
 
@@ -288,11 +288,12 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
     ny, nx = frame.shape
     nbins = ring_tab.shape[0]
     grid_cells = n_rings * 8
-    grid_c = np.zeros((nchunks, 3, grid_cells), dtype=np.float64)
-    tiles_c = np.zeros((nchunks, 8, n_tiles * n_tiles), dtype=np.float64)
-    cols_c = np.zeros((nchunks, 3, nx), dtype=np.float64)
-    hot_c = np.zeros((nchunks, nx), dtype=np.uint8)
-    rows = np.zeros((5, ny), dtype=np.float64)
+    # np.empty + _zero per chunk: one parallel region per call (see background._zero)
+    grid_c = np.empty((nchunks, 3, grid_cells), dtype=np.float64)
+    tiles_c = np.empty((nchunks, 8, n_tiles * n_tiles), dtype=np.float64)
+    cols_c = np.empty((nchunks, 3, nx), dtype=np.float64)
+    hot_c = np.empty((nchunks, nx), dtype=np.uint8)
+    rows = np.empty((5, ny), dtype=np.float64)
     sat_c = sat / 4.0
     jin0 = max(0, int(math.floor(bx - inner)))
     jin1 = min(nx, int(math.ceil(bx + inner)) + 1)
@@ -301,8 +302,15 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
         t = tiles_c[c]
         cl = cols_c[c]
         hot_up = hot_c[c]
+        _zero(g)
+        _zero(t)
+        _zero(cl)
+        _zero(hot_up)
         i0 = c * ny // nchunks
         i1 = (c + 1) * ny // nchunks
+        for k in range(5):
+            for i in range(i0, i1):
+                rows[k, i] = 0.0
         # hot flags of the sampled row above this chunk (runs cross chunk edges)
         ip = ((i0 - 1) // row_step) * row_step if i0 > 0 else -1
         if ip >= 0 and i0 < i1:
@@ -452,13 +460,9 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
             rows[2, i] = zx_max
             rows[3, i] = run_max
             rows[4, i] = hrun_max
-    grid = np.zeros((3, grid_cells), dtype=np.float64)
-    tiles = np.zeros((8, n_tiles * n_tiles), dtype=np.float64)
-    cols = np.zeros((3, nx), dtype=np.float64)
-    for c in range(nchunks):
-        grid += grid_c[c]
-        tiles += tiles_c[c]
-        cols += cols_c[c]
+    grid = _sum_chunks(grid_c, np.empty((3, grid_cells), dtype=np.float64))
+    tiles = _sum_chunks(tiles_c, np.empty((8, n_tiles * n_tiles), dtype=np.float64))
+    cols = _sum_chunks(cols_c, np.empty((3, nx), dtype=np.float64))
     return grid, tiles, cols, rows
 
 
@@ -548,12 +552,13 @@ def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, 
     ny, nx = frame.shape
     nbins = mu_ring.shape[0]
     nb = b_hi - b_lo
-    acc_c = np.zeros((nchunks, 2, N_ICE_SECTORS * nb), dtype=np.float64)
+    acc_c = np.empty((nchunks, 2, N_ICE_SECTORS * nb), dtype=np.float64)
     r_lo = b_lo * width - 1.0
     r_hi = b_hi * width + 1.0
     zc = ICE_Z_CLIP
     for c in prange(nchunks):
         a = acc_c[c]
+        _zero(a)
         for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
             if (i % row_step) != 0:
                 continue
@@ -593,10 +598,7 @@ def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, 
                 if cur >= 0:
                     a[0, cur] += sn
                     a[1, cur] += sz
-    acc = np.zeros((2, N_ICE_SECTORS * nb), dtype=np.float64)
-    for c in range(nchunks):
-        acc += acc_c[c]
-    return acc
+    return _sum_chunks(acc_c, np.empty((2, N_ICE_SECTORS * nb), dtype=np.float64))
 
 
 @njit(cache=True, nogil=True)

@@ -167,9 +167,10 @@ def _seed_kernel(frame, index, mean, var, peak, seed_sigma, seed_skew, lo_valid,
     ncell = mean.shape[0]
     use_int = ipeak.shape[0] > 0
     seeds = np.empty((nchunks, cap), dtype=np.int64)
-    counts = np.zeros(nchunks, dtype=np.int64)
-    overflow = np.zeros(nchunks, dtype=np.bool_)
-    for c in prange(nchunks):
+    counts = np.empty(nchunks, dtype=np.int64)
+    overflow = np.empty(nchunks, dtype=np.bool_)
+    for c in prange(nchunks):  # the only parallel region (see background._zero)
+        overflow[c] = False
         k = 0
         cols = np.empty(nx, dtype=np.int64)
         for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
@@ -214,8 +215,9 @@ def _seed_kernel(frame, index, mean, var, peak, seed_sigma, seed_skew, lo_valid,
     out = np.empty(total, dtype=np.int64)
     p = 0
     for c in range(nchunks):
-        out[p : p + counts[c]] = seeds[c, : counts[c]]
-        p += counts[c]
+        for k in range(counts[c]):
+            out[p] = seeds[c, k]
+            p += 1
     return out, overflow.any()
 
 
