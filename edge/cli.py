@@ -613,7 +613,7 @@ def _bench_web(args) -> int:
 
     from .web.bench import to_markdown, web_overhead
 
-    res = web_overhead(args.layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames or 300,
+    res = web_overhead(args.layouts, clients=args.web_clients, rate_hz=args.rate, n_frames=args.frames or 500,
                        use_model=not args.no_model)
     out = Path(args.out or "runs/latency")
     stem = out.with_name(out.name + "-web")

@@ -119,6 +119,8 @@ def run_latency(layout: str = "4m", *, rate_hz: float = 50.0, n_frames: int = 30
         "achieved_rate_hz": achieved,
         "processed_ms": summ.latency_ms, "wire_ms": summ.wire_ms, "ack_ms": summ.ack_ms,
         "stage_ms": summ.stage_ms, "commands": summ.commands,
+        # per command, so runs can be pooled (a p99 of 300 frames is the 3rd worst one)
+        "wire_samples_ms": [round(c["wire_ms"], 4) for c in pipe.command_records if c.get("wire_ms") is not None],
     }
 
 

@@ -369,3 +369,22 @@ def test_replay_of_a_long_run_keeps_its_header_and_every_command(tmp_path):
     snap = LiveHub(history=1000).follow(p).snapshot()
     assert snap["header"]["version"] == "long" and len(snap["commands"]) == 11
     assert [f["frame"] for f in snap["frames"]] == list(range(109_000, 110_000))
+
+
+@settings(max_examples=40, deadline=None)
+@given(vmax=st.sampled_from([1.0, 255.0, 65535.0, 1.0e6]), seed=st.integers(0, 2**16), integral=st.booleans())
+def test_log_levels_match_the_log_formula(vmax, seed, integral):
+    from edge.web.imaging import LEVELS, _levels
+
+    rng = np.random.default_rng(seed)
+    blocks = (rng.random((17, 23)) * rng.choice([2.0, 300.0, 3.0e6])).astype(np.float32)
+    if integral:
+        blocks = np.floor(blocks)
+    blocks[rng.random(blocks.shape) < 0.2] = -1.0  # no valid pixel
+    img, n_masked = _levels(blocks, vmax)
+    b = blocks.astype(np.float64)
+    ref = np.where(b < 0, MASKED, np.floor(np.log1p(np.clip(b, 0.0, vmax)) * (LEVELS / np.log1p(vmax)) + 0.5))
+    assert n_masked == int((b < 0).sum())
+    np.testing.assert_array_equal(img == MASKED, b < 0)
+    assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1  # libm vs NumPy log1p at a .5 boundary
+    assert (img == ref).mean() > 0.99

@@ -11,16 +11,16 @@ machine hits both alike.
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import time
 
 from ..latency import _source, emulated_bridge, machine_info, run_latency
+from ..pipeline import percentiles
 from .hub import LiveHub
 from .server import WebServer
 
-__all__ = ["web_overhead", "to_markdown"]
+__all__ = ["web_overhead", "to_markdown", "pooled"]
 
 # a page: read the stream until killed
 _READER = ("import sys, urllib.request\n"
@@ -55,9 +55,13 @@ def _with_clients(n_clients: int, bridge, run):
         hub.stop()
 
 
-def web_overhead(layouts=("1m",), *, clients: int = 3, rate_hz: float = 50.0, n_frames: int = 300,
-                 repeats: int = 2, use_model: bool = True) -> dict:
-    """Frame in -> command p99 with 0 and with ``clients`` live pages, per layout."""
+def web_overhead(layouts=("1m",), *, clients: int = 3, rate_hz: float = 50.0, n_frames: int = 500,
+                 repeats: int = 3, use_model: bool = True) -> dict:
+    """Frame in -> command p99 with 0 and with ``clients`` live pages, per layout.
+
+    The settings alternate ``repeats`` times; the summary pools every frame
+    of a setting (``repeats * n_frames`` samples) before taking percentiles.
+    """
     from .. import warmup
 
     warmup()
@@ -102,15 +106,23 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {r['layout']} | {r['clients']} | {r['repeat']} | {f(w['p50'])} | {f(w['p99'])} | "
                      f"{f(w['max'])} | {f(r['processed_ms']['p99'])} | {r['dropped']} | "
                      f"{web.get('images_encoded', '-')} | {f(web.get('hub_cpu_ms_per_s'))} |")
-    by = {}
-    for r in result["runs"]:
-        by.setdefault((r["layout"], r["clients"]), []).append(r["wire_ms"]["p99"])
     lines.append("")
-    for layout in dict.fromkeys(r["layout"] for r in result["runs"]):
-        base = by.get((layout, 0), [])
-        web = by.get((layout, result["clients"]), [])
-        if base and web and None not in base + web:
-            mb, mw = statistics.median(base), statistics.median(web)
-            lines.append(f"{layout}: median p99 frame in -> command on wire {mb:.2f} ms without pages, "
-                         f"{mw:.2f} ms with {result['clients']} ({100 * (mw / mb - 1):+.1f} %)")
+    for layout, s in pooled(result).items():
+        b, w = s[0], s[result["clients"]]
+        lines.append(f"{layout}, all frames of each setting pooled ({b['n']} / {w['n']}): frame in -> command on "
+                     f"wire p50 {b['p50']:.2f} -> {w['p50']:.2f} ms ({100 * (w['p50'] / b['p50'] - 1):+.1f} %), "
+                     f"p99 {b['p99']:.2f} -> {w['p99']:.2f} ms ({100 * (w['p99'] / b['p99'] - 1):+.1f} %) "
+                     f"without -> with {result['clients']} pages")
     return "\n".join(lines) + "\n"
+
+
+def pooled(result: dict) -> dict:
+    """``{layout: {clients: percentiles of all pooled wire latencies}}`` (settings present in every repeat)."""
+    by: dict = {}
+    for r in result["runs"]:
+        by.setdefault(r["layout"], {}).setdefault(r["clients"], []).extend(r.get("wire_samples_ms", []))
+    out = {}
+    for layout, d in by.items():
+        if 0 in d and result["clients"] in d and d[0] and d[result["clients"]]:
+            out[layout] = {n: percentiles(v) for n, v in d.items()}
+    return out

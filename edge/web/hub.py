@@ -24,6 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from . import imaging
 from .imaging import frame_view
 
 __all__ = ["LiveHub", "frames_dir", "geometry_summary", "read_records"]
@@ -221,6 +222,7 @@ class LiveHub:
     # ------------------------------------------------------------ hub thread
     def start(self) -> "LiveHub":
         if self._thread is None:
+            imaging.warm()  # here, not on the hub thread: a compile holds the GIL
             self._thread = threading.Thread(target=self._run, name="edge-web-hub", daemon=True)
             self._thread.start()
         return self
