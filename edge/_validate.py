@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 # Kernel dtypes: every accepted input is viewed or cast to one of these, so
 # Numba compiles a bounded set of specialisations (see edge.warmup).
@@ -79,3 +87,25 @@ def as_center(center, shape: tuple[int, int]) -> tuple[float, float]:
 def check_geometry(geometry, shape: tuple[int, int]) -> None:
     if geometry is not None and tuple(geometry.shape) != tuple(shape):
         raise ValueError(f"geometry shape {geometry.shape} does not match frame shape {tuple(shape)}")
+
+
+def parse_toml(text: str, where: str, error: type[Exception]) -> dict:
+    """Parse TOML ``text`` read from ``where``; a syntax error is one ``error`` naming it."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{where}: invalid TOML: {exc}") from None
+
+
+def read_toml(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
+    """Read and parse a TOML file; every failure is one ``error`` that names
+    the file and says what it is (``what``, e.g. ``"site file"``)."""
+    where = os.fspath(path)
+    try:
+        with open(where, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {where}: {exc}") from None
+    return parse_toml(text, where, error)

@@ -56,7 +56,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._validate import as_frame, check_geometry
 from .background import RadialStats, _sum_chunks, _zero, prepare_frame, radial_stats
 from .geometry import Geometry
 from .sim import ICE_D_SPACINGS

@@ -187,7 +187,7 @@ def to_markdown(result: dict) -> str:
         return "-" if x is None else f"{x:.2f}"
 
     m = result["machine"]
-    lines = [f"# edge latency benchmark", "",
+    lines = ["# edge latency benchmark", "",
              f"{m['cpu']} ({m['machine']}, {m['cores']} cores, numba threads {m['numba_threads']}), "
              f"Python {m['python']}, {m['time']}", "",
              f"Frames from memory at {result['latency_rate_hz']} Hz, {result['frames_per_run']} per run, "

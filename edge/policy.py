@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,12 +38,9 @@ import firmware_bridge
 from firmware_bridge import Limits
 from firmware_bridge.commands import VOCABULARY
 
+from ._validate import parse_toml, read_toml
 from .scenario import ANOMALY_CLASSES
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 __all__ = [
     "Observation",
@@ -325,17 +321,10 @@ class Policy:
         if path is None:
             where = "edge/policy_default.toml"
             text = resources.files(__package__).joinpath("policy_default.toml").read_text("utf-8")
+            data = parse_toml(text, where, PolicyConfigError)
         else:
             where = os.fspath(path)
-            try:
-                with open(where, encoding="utf-8") as fh:
-                    text = fh.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PolicyConfigError(f"cannot read policy file {where!r}: {exc}") from exc
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyConfigError(f"{where}: invalid TOML: {exc}") from exc
+            data = read_toml(where, PolicyConfigError, "policy file")
         return cls.from_dict(data, dry_run=dry_run, limits=limits, source=where)
 
     @classmethod

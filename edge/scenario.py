@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from ._validate import read_toml
 from .anomaly_data import CLASSES
 from .sim import SimConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 __all__ = [
     "ANOMALY_CLASSES",
@@ -233,14 +229,7 @@ class Scenario:
     def from_toml(cls, path: str | os.PathLike) -> "Scenario":
         """Load a scenario file (format in the module docstring)."""
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ScenarioError(f"cannot read scenario file {path!r}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ScenarioError(f"{path}: invalid TOML: {exc}") from exc
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_toml(path, ScenarioError, "scenario file"), source=path)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form accepted by :meth:`from_dict` (tuples become lists)."""

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from .background import (
     RadialStats,
-    _background_maps,
     _combined_valid,
     _nchunks,
     local_stats,

@@ -50,7 +50,7 @@ CASES = [
     (["run", "--results", "/proc/r.jsonl"], ["--results /proc/r.jsonl", "cannot write"]),
     (["run", "--results", "{d}"], ["--results", "cannot write"]),
     (["run", "--applied-log", "/proc/a.jsonl"], ["--applied-log /proc/a.jsonl", "cannot write"]),
-    (["run", "--source", "scenario:{d}/missing.toml"], ["--source", "missing.toml", "cannot read"]),
+    (["run", "--source", "scenario:{d}/missing.toml"], ["--source", "missing.toml", "scenario file not found"]),
     (["run", "--source", "scenario:{d}/bad_scenario.toml"], ["--source", "bad_scenario.toml", "bogus"]),
     (["run", "--source", "sim:7m"], ["--source", "unknown layout '7m'"]),
     (["run", "--source", "/no/such/file.cbf"], ["--source", "/no/such/file.cbf", "not found"]),

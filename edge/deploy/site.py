@@ -48,19 +48,15 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from firmware_bridge.transport import _VIDPID
 
+from .._validate import read_toml
 from . import DEFAULT_SITE
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["DEFAULT_SITE", "SiteConfig", "SiteConfigError", "load_site"]
 
@@ -215,16 +211,7 @@ def load_site(path: str | os.PathLike = DEFAULT_SITE) -> SiteConfig:
     """
     p = Path(path).expanduser()
     where = str(p)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SiteConfigError(f"site file not found: {where}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SiteConfigError(f"cannot read site file {where}: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SiteConfigError(f"{where}: invalid TOML: {exc}") from None
+    data = read_toml(p, SiteConfigError, "site file")
     base = p.resolve().parent
     site = SiteConfig(path=p.resolve())
     for section, table in data.items():

@@ -16,7 +16,6 @@ them as read-only (``copy=True`` gives each emission its own array).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field

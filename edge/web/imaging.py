@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 from numba import njit
 
-from .._validate import as_frame
+from .._validate import KERNEL_DTYPES, as_frame
 
 __all__ = ["MASKED", "LEVELS", "downsample_max", "encode_png_gray8", "frame_view", "resolution_rings", "warm"]
 
@@ -143,7 +143,7 @@ def warm() -> None:
     Called before a run starts: a first compile on the view's thread would
     hold the GIL for seconds while frames arrive.
     """
-    for dt in (np.uint16, np.uint32, np.int32, np.int64, np.float32, np.float64):
+    for dt in KERNEL_DTYPES:
         _levels(_blocks(np.zeros((2, 2), dtype=dt), None, 2), 1.0)
 
 
