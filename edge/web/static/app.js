@@ -445,9 +445,15 @@
     fetch(api('api/frame?n=' + n)).then((r) => r.ok ? r.json() : null).then((img) => img && showImage(img));
   });
 
-  function tick() {
-    if (dirty) {
+  // Plots, summary and log are redrawn at most every RENDER_MS, never while
+  // the tab is hidden: redrawing eight plots at the 10 Hz update rate kept a
+  // core busy, which on a small board is taken from the loop itself.
+  const RENDER_MS = 500;
+  let lastRender = -Infinity;
+  function tick(now) {
+    if (dirty && !document.hidden && now - lastRender >= RENDER_MS) {
       dirty = false;
+      lastRender = now;
       renderPlots(); renderSummary(); renderLog();
       const conn = $('conn');
       if (S.ended) { conn.textContent = 'run ended'; conn.className = 'conn'; }
