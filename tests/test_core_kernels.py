@@ -362,3 +362,15 @@ def test_histogram_clipping_is_used_for_counts_and_falls_back_for_high_backgroun
     ref = _ref_clip(high, index, 1, 0.0, 1e300, 5, 3.0, 1)
     for g, r in zip(bgm._clip(high, bins, 0.0, 1e300, 5, 3.0, 1), ref):  # the pixel-pass fallback
         np.testing.assert_allclose(g, r, rtol=1e-9)
+
+
+@SETTINGS
+@given(shape=st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 7)), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.int32, np.int64, np.float64]))
+def test_chunk_helpers_match_numpy(shape, seed, dtype):
+    """The serial helpers the parallel kernels use instead of array expressions."""
+    parts = np.random.default_rng(seed).integers(-50, 50, shape).astype(dtype)
+    out = bgm._sum_chunks(parts, np.empty(shape[1:], dtype=np.float64 if dtype == np.float64 else np.int64))
+    np.testing.assert_array_equal(out, parts.sum(axis=0))
+    bgm._zero(parts)
+    assert not parts.any()
