@@ -155,6 +155,7 @@ class Rule:
     stat: str | None
     below_fraction: float | None
     at_least: float | None
+    max_baseline_spread: float | None
     unless: frozenset[str]
     on_threshold: float | None
     off_threshold: float | None
@@ -166,6 +167,12 @@ class Rule:
     max_per_minute: float
     actions: tuple[_ActionSpec, ...]
 
+
+#: Default ``max_baseline_spread`` of a ``below_fraction`` rule: the
+#: baseline frames' median absolute deviation over their median. Steady data
+#: (a rotation series, the simulator) stay well below it; a grid scan, where
+#: the peak count swings from hit to miss, is above it, so no rule fires there.
+DEFAULT_MAX_BASELINE_SPREAD = 0.25
 
 _TOP_KEYS = {"version", "policy", "baseline", "rules"}
 _POLICY_KEYS = {"dry_run", "max_fires_per_minute", "um_per_px", "initial_attenuation", "allow_leave_safe_state"}
@@ -179,7 +186,7 @@ def leaves_safe_state(command: str, args: Mapping[str, Any]) -> bool:
     """True for ``resume``, ``open_shutter`` and ``shutter(open=true)``."""
     return command in LEAVES_SAFE_STATE or (command == "shutter" and args.get("open") is not False)
 _BASELINE_KEYS = {"window", "min_frames"}
-_RULE_KEYS = {"enabled", "flag", "stat", "below_fraction", "at_least", "unless", "on_threshold",
+_RULE_KEYS = {"enabled", "flag", "stat", "below_fraction", "max_baseline_spread", "at_least", "unless", "on_threshold",
               "off_threshold", "debounce", "rearm_frames", "cooldown_frames", "cooldown_s",
               "max_per_minute", "actions"}
 _ACTION_KEYS = {
@@ -376,6 +383,7 @@ class Policy:
         if flag is not None and flag not in flags:
             raise c.err("flag", f"is not a known flag: {flag!r}; known: {sorted(flags)}")
         below = c.number("below_fraction", None, lo=0, hi=1, lo_open=True)
+        spread = c.number("max_baseline_spread", None, lo=0, lo_open=True)
         at_least = c.number("at_least", None)
         on = c.number("on_threshold", None, lo=0, hi=1)
         off = c.number("off_threshold", None, lo=0, hi=1)
@@ -386,6 +394,10 @@ class Policy:
                 raise c.err("on_threshold", "and off_threshold apply to flag rules only")
         elif below is not None or at_least is not None:
             raise c.err("below_fraction" if below is not None else "at_least", "applies to stat rules only")
+        if spread is not None and below is None:
+            raise c.err("max_baseline_spread", "applies to 'below_fraction' rules only")
+        if below is not None and spread is None:
+            spread = DEFAULT_MAX_BASELINE_SPREAD
         if off is not None and on is None:
             raise c.err("off_threshold", "needs on_threshold")
         if on is not None and off is not None and off > on:
@@ -412,7 +424,7 @@ class Policy:
                         for k, a in enumerate(acts))
         return Rule(
             name=name, enabled=c.boolean("enabled", True), flag=flag, stat=stat, below_fraction=below,
-            at_least=at_least, unless=frozenset(unless), on_threshold=on, off_threshold=off,
+            max_baseline_spread=spread, at_least=at_least, unless=frozenset(unless), on_threshold=on, off_threshold=off,
             debounce_n=n, debounce_m=m,
             rearm_frames=c.number("rearm_frames", 0, lo=0, integer=True),
             cooldown_frames=c.number("cooldown_frames", 0, lo=0, integer=True),
@@ -488,6 +500,7 @@ class Policy:
         self._fires: deque[float] = deque()
         self._base = {s: deque(maxlen=self.baseline_window) for s in STATS}
         self._median: dict[str, float | None] = dict.fromkeys(STATS)
+        self._spread: dict[str, float | None] = dict.fromkeys(STATS)
         self.events: deque[tuple[int, str, str]] = deque(maxlen=1000)
 
     def on_ack(self, ack_or_state: Any) -> None:
@@ -507,6 +520,10 @@ class Policy:
     def baseline(self, stat: str = "n_peaks") -> float | None:
         """Running median of ``stat`` over recent clean frames (None until ``min_frames``)."""
         return self._median[stat]
+
+    def baseline_spread(self, stat: str = "n_peaks") -> float | None:
+        """Median absolute deviation of the baseline frames over their median (None until ``min_frames``)."""
+        return self._spread[stat]
 
     # -- per frame ------------------------------------------------------------
     def step(self, obs: Observation) -> list[Action]:
@@ -576,8 +593,11 @@ class Policy:
             elif rule.at_least is not None:
                 on = value >= rule.at_least
             else:
-                base = self._median[rule.stat]
-                on = base is not None and value < rule.below_fraction * base
+                # a drop means something only against a steady baseline: in a
+                # grid scan the peak count swings from frame to frame by design
+                base, spread = self._median[rule.stat], self._spread[rule.stat]
+                on = (base is not None and spread is not None and spread <= rule.max_baseline_spread
+                      and value < rule.below_fraction * base)
         st.latched = on
         return on
 
@@ -588,7 +608,13 @@ class Policy:
                 continue
             buf = self._base[s]
             buf.append(float(v))
-            self._median[s] = statistics.median(buf) if len(buf) >= self.baseline_min_frames else None
+            if len(buf) < self.baseline_min_frames:
+                self._median[s] = self._spread[s] = None
+                continue
+            med = statistics.median(buf)
+            mad = statistics.median(abs(x - med) for x in buf)
+            self._median[s] = med
+            self._spread[s] = mad / med if med > 0 else (0.0 if mad == 0 else math.inf)
 
     # -- actions --------------------------------------------------------------
     def _actions(self, rule: Rule, obs: Observation) -> list[Action]:
@@ -596,7 +622,8 @@ class Policy:
         if rule.flag is not None:
             cond = rule.flag
         elif rule.below_fraction is not None:
-            cond = f"{rule.stat} below {rule.below_fraction:g} x clean baseline {self._median[rule.stat]:g}"
+            cond = (f"{rule.stat} below {rule.below_fraction:g} x clean baseline {self._median[rule.stat]:g} "
+                    f"(spread {self._spread[rule.stat]:.2f})")
         else:
             cond = f"{rule.stat} >= {rule.at_least:g}"
         for a in rule.actions:

@@ -6,6 +6,7 @@ import copy
 import sys
 
 import firmware_bridge
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -255,6 +256,35 @@ def test_weak_diffraction_waits_for_baseline_and_ignores_blank():
     # frames with flags never enter the baseline
     run(p, [obs(40 + k, {"ice_rings"}, n_peaks=10_000) for k in range(50)])
     assert p.baseline() == BASE_PEAKS
+
+
+def test_weak_diffraction_needs_a_steady_baseline():
+    """A grid scan's peak counts swing from hit to miss by design: no 'weak' there."""
+    rng = np.random.default_rng(7)
+    p = Policy.from_toml()
+    # hits of every strength, as across a crystal in a grid scan (real PILATUS series: 3 to ~2100 peaks)
+    scan = [obs(i, n_peaks=int(rng.choice([2125, 1804, 1500, 900, 650, 400]))) for i in range(60)]
+    scan += [obs(60 + k, n_peaks=40) for k in range(10)]  # a weak stretch: still nothing sent
+    assert run(p, scan) == []
+    assert p.baseline_spread() > 0.25
+    # the same weak stretch after a steady series (a rotation scan) fires, and says why
+    p = Policy.from_toml()
+    steady = [obs(i, n_peaks=int(BASE_PEAKS + rng.integers(-20, 21))) for i in range(60)]
+    assert run(p, steady) == [] and p.baseline_spread() < 0.1
+    acts = run(p, [obs(60 + k, n_peaks=40) for k in range(3)])
+    assert commands(acts) == [(61, "set_attenuation", {"level": 3})]
+    assert "(spread 0.0" in acts[0][1].reason
+
+
+def test_max_baseline_spread_is_validated():
+    data = default_data()
+    data["rules"]["weak_diffraction"]["max_baseline_spread"] = 0
+    with pytest.raises(PolicyConfigError, match="max_baseline_spread"):
+        Policy.from_dict(data)
+    data = default_data()
+    data["rules"]["saturation"]["max_baseline_spread"] = 0.3
+    with pytest.raises(PolicyConfigError, match="rules.saturation.max_baseline_spread"):
+        Policy.from_dict(data)
 
 
 def test_recentre_clamped_scaled_and_skipped():
