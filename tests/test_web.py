@@ -388,3 +388,21 @@ def test_log_levels_match_the_log_formula(vmax, seed, integral):
     np.testing.assert_array_equal(img == MASKED, b < 0)
     assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1  # libm vs NumPy log1p at a .5 boundary
     assert (img == ref).mean() > 0.99
+
+
+def test_snapshot_json_is_the_snapshot():
+    """The pre-encoded snapshot a page receives equals the dict snapshot, cleaned."""
+    from edge.web.hub import _clean
+
+    hub = LiveHub({"version": "t"})
+    for i in range(25):
+        hub.record({"type": "frame", "frame": i, "t_source": i / 10, "n_peaks": i, "flags": [],
+                    "probabilities": {"blank": 0.1}, "latency_ms": 1.0, "median_snr": float("nan") if i == 3 else 5.0,
+                    "stages_ms": {"total": 1.0}})
+    hub.record({"type": "drop", "frame": 25, "t_source": 2.5})
+    hub._drain()
+    text, seq, iv = hub.snapshot_json()
+    assert json.loads(text) == json.loads(json.dumps(_clean(hub.snapshot())))
+    assert (seq, iv) == (hub.seq, hub.image_version) and json.loads(text)["frames"][3]["median_snr"] is None
+    empty = LiveHub()
+    assert json.loads(empty.snapshot_json()[0])["frames"] == []

@@ -86,9 +86,25 @@ def _clean(o: Any):
     return o
 
 
-def sse(event: str, data: dict) -> bytes:
-    """One Server-Sent Event, encoded."""
-    return f"event: {event}\ndata: {json.dumps(_clean(data), separators=(',', ':'))}\n\n".encode()
+def _json(o: Any) -> str:
+    return json.dumps(_clean(o), separators=(",", ":"))
+
+
+def _with_encoded(obj: dict, key: str, items) -> str:
+    """JSON of ``obj`` plus ``key``: a list of already encoded JSON values.
+
+    Frame records are encoded once, when they arrive; a new page's snapshot
+    of thousands of them is then a join, not a recursive clean-and-encode
+    that held the GIL for tens of ms and made the loop drop a frame.
+    """
+    body = _json(obj)
+    return body[:-1] + ("," if len(body) > 2 else "") + json.dumps(key) + ":[" + ",".join(items) + "]}"
+
+
+def sse(event: str, data: dict | str) -> bytes:
+    """One Server-Sent Event, encoded (``data``: a dict, or JSON text)."""
+    text = data if isinstance(data, str) else _json(data)
+    return f"event: {event}\ndata: {text}\n\n".encode()
 
 
 class LiveHub:
@@ -137,6 +153,7 @@ class LiveHub:
         # owned by the hub thread, read by clients under the lock
         self._cv = threading.Condition()
         self._frames: deque = deque(maxlen=int(history))
+        self._frames_json: deque = deque(maxlen=int(history))  # the same records, encoded
         self._by_frame: dict[int, dict] = {}
         self._commands: deque = deque(maxlen=5000)
         self._drops: deque = deque(maxlen=int(history))
@@ -320,11 +337,13 @@ class LiveHub:
                 if c.get("state"):
                     state = {**_clean(c["state"]), "source": f"ack of frame {c.get('frame')}"}
                     break
+        encoded = [_json(f) for f in frames]  # once per record, outside the lock
         with self._cv:
-            for f in frames:
+            for f, e in zip(frames, encoded):
                 if len(self._frames) == self._frames.maxlen:
                     self._by_frame.pop(self._frames[0]["frame"], None)
                 self._frames.append(f)
+                self._frames_json.append(e)
                 self._by_frame[f["frame"]] = f
             cmds = [self._with_evidence(c) for c in cmds]
             old = self._state
@@ -346,14 +365,13 @@ class LiveHub:
                 self._events.clear()
                 self.seq += 1  # a page that saw an older seq takes a new snapshot
                 return
-            upd = {"frames": frames, "drops": drops, "commands": cmds, "dropped": self.dropped,
-                   "ended": self._ended}
+            upd = {"drops": drops, "commands": cmds, "dropped": self.dropped, "ended": self._ended}
             if state_changed:
                 upd["state"] = state
             if header_changed:
                 upd["header"] = self.header
             self.seq += 1
-            self._events.append((self.seq, sse("update", upd)))
+            self._events.append((self.seq, sse("update", _with_encoded(upd, "frames", encoded))))
             self._cv.notify_all()
 
     def _state_change(self, old: dict | None, new: dict, last: dict) -> list[dict]:
@@ -391,10 +409,20 @@ class LiveHub:
     def snapshot(self) -> dict:
         """Everything a new page needs (also what ``edge report`` embeds)."""
         with self._cv:
-            return {"header": self.header, "mode": self._mode, "frames": list(self._frames),
-                    "drops": list(self._drops), "dropped": self.dropped, "commands": list(self._commands),
-                    "state": self._state, "ended": self._ended, "saved_frames": list(self._saved),
-                    "image": self._image, "seq": self.seq, "image_version": self.image_version}
+            return {**self._snapshot_rest(), "frames": list(self._frames)}
+
+    def snapshot_json(self) -> tuple[str, int, int]:
+        """:meth:`snapshot` as JSON text, from the records encoded on arrival;
+        with its ``seq`` and ``image_version``."""
+        with self._cv:
+            rest, frames = self._snapshot_rest(), list(self._frames_json)
+        return _with_encoded(rest, "frames", frames), rest["seq"], rest["image_version"]
+
+    def _snapshot_rest(self) -> dict:
+        return {"header": self.header, "mode": self._mode, "drops": list(self._drops), "dropped": self.dropped,
+                "commands": list(self._commands), "state": self._state, "ended": self._ended,
+                "saved_frames": list(self._saved), "image": self._image, "seq": self.seq,
+                "image_version": self.image_version}
 
     def wait(self, seq: int, image_version: int, timeout: float) -> tuple[list[bytes] | None, bytes | None, int, int]:
         """Block until something newer than ``seq``/``image_version`` (or timeout).

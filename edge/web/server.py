@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from .hub import LiveHub, _clean, sse
+from .hub import LiveHub, sse
 
 __all__ = ["WebConfigError", "WebServer", "is_loopback", "new_token", "parse_bind", "static_file"]
 
@@ -151,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
                 suffix = name[name.rfind("."):] if "." in name else ""
                 self._send(HTTPStatus.OK, static_file(name), _TYPES.get(suffix, "application/octet-stream"))
             elif path == "/api/snapshot":
-                self._send(HTTPStatus.OK, json.dumps(_snapshot_clean(self.server.hub)).encode(), _TYPES[".json"])
+                self._send(HTTPStatus.OK, self.server.hub.snapshot_json()[0].encode(), _TYPES[".json"])
             elif path == "/api/frame":
                 try:
                     n = int((query.get("n") or [""])[0])
@@ -199,16 +199,14 @@ class _Handler(BaseHTTPRequestHandler):
             # a client that stops reading is dropped after this, never waited for
             self.connection.settimeout(srv.write_timeout)
             hub = srv.hub
-            snap = hub.snapshot()
-            seq, iv = snap["seq"], snap["image_version"]
+            snap, seq, iv = hub.snapshot_json()
             self.wfile.write(sse("snapshot", snap))
             idle = 0.0
             while not srv.closing.is_set():
                 updates, image, seq, iv = hub.wait(seq, iv, 1.0)
                 out = []
                 if updates is None:  # fell behind the event buffer: start over
-                    snap = hub.snapshot()
-                    seq, iv = snap["seq"], snap["image_version"]
+                    snap, seq, iv = hub.snapshot_json()
                     out.append(sse("snapshot", snap))
                 else:
                     out.extend(updates)
@@ -226,10 +224,6 @@ class _Handler(BaseHTTPRequestHandler):
             with srv.count_lock:
                 srv.n_clients -= 1
             srv.clients.release()
-
-
-def _snapshot_clean(hub: LiveHub) -> dict:
-    return _clean(hub.snapshot())
 
 
 class _Server(ThreadingHTTPServer):
