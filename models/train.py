@@ -42,15 +42,15 @@ CACHE = ROOT / "runs" / "anomaly_cache"  # gitignored; never required
 
 #: Seed ranges (half-open). Held-out and test seeds are never used in training.
 SPLITS = {
-    "train": (0, 20000),
+    "train": (0, 16000),
     "validation": (100_000, 101_000),  # threshold tuning only
     "heldout": (200_000, 201_500),     # reported metrics
 }
 #: Seeds from here on are free for tests ("fresh" frames).
 FRESH_SEEDS_FROM = 900_000
 #: Seeds per cache file.
-BLOCK = 5000
-RECIPE_VERSION = 4  # bump when edge.anomaly_data or edge.features change
+BLOCK = 2000
+RECIPE_VERSION = 5  # bump when edge.anomaly_data or edge.features change
 MODEL_VERSION = 3
 CLIP = 6.0  # standardised features are clipped to +-CLIP before the network
 HIDDEN = (128, 64)
