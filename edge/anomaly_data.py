@@ -106,7 +106,7 @@ LEVEL_RANGE = (0.001, 100.0)
 OFFSET_MIN_COUNTS = 0.2
 #: A blank frame's scattered photons (expected, valid pixels) must reach
 #: this and SCATTER_MIN_Z sigma of the dark counts (see scatter_decidable).
-MIN_SCATTER_PHOTONS = 300.0
+MIN_SCATTER_PHOTONS = 1000.0
 SCATTER_MIN_Z = 10.0
 #: A dead area must have been expected to receive this many counts.
 MIN_LOST_COUNTS = 50.0

@@ -442,6 +442,7 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
 
     # detector faults and defects
     lost = [0.0]
+    dead_boxes = []
     if cfg.dead_modules:
         layout = LAYOUTS[cfg.layout.lower()]
         (mr, mc), (pr, pc), (gr, gc) = layout.modules, layout.module_shape, layout.gap
@@ -449,8 +450,9 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         for m in picks:
             i, j = divmod(int(m), mc)
             r0, c0 = i * (pr + gr), j * (pc + gc)
-            counts[r0 : r0 + pr, c0 : c0 + pc] = 0
-            lost[0] += float(expected[r0 : r0 + pr, c0 : c0 + pc][valid[r0 : r0 + pr, c0 : c0 + pc]].sum())
+            box = (slice(r0, r0 + pr), slice(c0, c0 + pc))
+            dead_boxes.append(box)
+            lost[0] += float(expected[box][valid[box]].sum())
     if cfg.hot_cluster:
         cy, cx = rng.integers(50, ny - 50), rng.integers(50, nx - 50)
         hy, hx = rng.integers(8, 30), rng.integers(8, 30)
@@ -465,6 +467,8 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         flat[rng.choice(vidx, cfg.n_hot, replace=False)] = rng.integers(500, 50000, cfg.n_hot)
     if cfg.hot_saturated:
         flat[rng_x.choice(vidx, cfg.hot_saturated, replace=False)] = cfg.saturation
+    for box in dead_boxes:  # a dead module reads 0, hot pixels included
+        counts[box] = 0
     np.minimum(counts, cfg.saturation, out=counts)
 
     bad = np.zeros(ny * nx, dtype=bool)

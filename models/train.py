@@ -44,11 +44,11 @@ CACHE = ROOT / "runs" / "anomaly_cache"  # gitignored; never required
 SPLITS = {
     "train": (0, 16000),
     "validation": (100_000, 101_000),  # threshold tuning only
-    "heldout": (200_000, 201_500),     # reported metrics
+    "heldout": (200_000, 201_000),     # reported metrics
 }
 #: Held-out seeds whose frames are re-simulated to measure the flags after the
 #: evidence gate (the runtime's full classify path; a few minutes).
-GATED_HELDOUT = (200_000, 200_600)
+GATED_HELDOUT = (200_000, 200_500)
 #: Seeds from here on are free for tests ("fresh" frames).
 FRESH_SEEDS_FROM = 900_000
 #: Seeds per cache file.
