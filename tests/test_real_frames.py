@@ -296,8 +296,7 @@ def test_dry_run_over_sparse_eiger_frames_sends_nothing(model, frames):
 
     frame, geom = frames["eiger16m"]
     a = _gate_with_proposal(frame, geom, "no_beam")
-    rec = {"latency_ms": 1.0, "flags": list(a.flags), "actions": [], "proposed": list(a.proposed),
-           "evidence_summary": a.summary()}
+    rec = {**recs[0], "flags": list(a.flags), "proposed": list(a.proposed), "evidence_summary": a.summary()}
     out = io.StringIO()
     status = _Status(out, quiet=False)
     for k in range(3):
