@@ -16,7 +16,9 @@ Everything is reproducible from ``seed``. Layouts are EIGER-like from 1M
 Anomaly knobs (used by the anomaly model's training data and by scripted
 scenarios): ``flux=0`` (no beam), ``crystal=False`` (blank), ``beam_offset``
 (beam away from where the geometry says), ``overload`` (spots far above the
-count cutoff), ``dead_modules`` / ``hot_cluster``.
+count cutoff), ``dead_modules`` / ``hot_cluster``; ``ice_width`` and
+``ice_texture`` (sharp to broad, whole or partial rings) and ``dark_counts``
+for the photon-counting regime.
 """
 
 from __future__ import annotations
