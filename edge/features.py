@@ -150,6 +150,7 @@ def _names() -> tuple[str, ...]:
     n += ["log2_hot_block_excess"]
     n += ["log_clear_peaks", "log_very_strong_peaks", "clear_peak_log_npix_median", "clear_peak_sharpness_median",
           "clear_peak_diffuse_fraction", "clear_peak_azimuth_r1", "clear_peak_ice_fraction"]
+    n += ["log_nonzero_fraction", "nonzero_tile_contrast"]
     return tuple(n)
 
 
@@ -923,6 +924,28 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
             near_ice = np.abs(d[:, None] / ICE_LINES_A[None, :] - 1.0).min(axis=1) < ICE_PEAK_REL
             out[k + 6] = float(np.mean(near_ice))
     k += 7
+    # photons on mostly-empty frames, where the ring means read 0: the
+    # fraction of sampled pixels reading > 0 (a hot pixel counts once), and
+    # how unevenly it falls on four groups of tiles by distance from the beam
+    # (chi-square, 3 degrees of freedom; the two busiest tiles left out: a hot
+    # cluster is not scatter). Scatter from a beam changes with radius; dark
+    # counts are uniform.
+    if ok.any():
+        nz, nt = t[_T_N] - t[_T_ZERO], t[_T_N]
+        out[k] = np.log10(nz.sum() / nt.sum() + 1e-6)
+        keep = np.argsort(nz / nt, kind="stable")
+        keep = keep[:-2] if len(keep) > 8 else keep
+        tid = np.flatnonzero(ok)[keep]
+        ny, nx = arr.shape
+        rad = np.hypot((tid // N_TILES + 0.5) * ny / N_TILES - by, (tid % N_TILES + 0.5) * nx / N_TILES - bx)
+        grp = np.argsort(np.argsort(rad, kind="stable"), kind="stable") * 4 // len(tid)
+        n_g = np.bincount(grp, nt[keep], 4)
+        c_g = np.bincount(grp, nz[keep], 4)
+        p0 = c_g.sum() / n_g.sum()
+        g = n_g > 0
+        chi2 = np.sum((c_g[g] - n_g[g] * p0) ** 2 / (n_g[g] * p0 * (1.0 - p0) + 1e-12))
+        out[k + 1] = np.log1p(chi2)
+    k += 2
     assert k == N_FEATURES
     return out.astype(np.float32)
 

@@ -16,7 +16,9 @@ Everything is reproducible from ``seed``. Layouts are EIGER-like from 1M
 Anomaly knobs (used by the anomaly model's training data and by scripted
 scenarios): ``flux=0`` (no beam), ``crystal=False`` (blank), ``beam_offset``
 (beam away from where the geometry says), ``overload`` (spots far above the
-count cutoff), ``dead_modules`` / ``hot_cluster``.
+count cutoff), ``dead_modules`` / ``hot_cluster``; ``ice_width`` and
+``ice_texture`` (sharp to broad, whole or partial rings) and ``dark_counts``
+for the photon-counting regime.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 
 from .geometry import LAYOUTS, Geometry
 
-__all__ = ["SimConfig", "SimFrame", "simulate", "ICE_D_SPACINGS", "spot_snr"]
+__all__ = ["SimConfig", "SimFrame", "simulate", "ICE_D_SPACINGS", "spot_snr", "background_profile"]
 
 #: Ice Ih powder lines (Angstrom) with relative intensities.
 ICE_D_SPACINGS = np.array([3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883, 1.721])
@@ -69,6 +71,14 @@ class SimConfig:
         Add ice Ih rings.
     ice_strength : float
         Ice ring peak counts per pixel (strongest line).
+    ice_width : float or None
+        Gaussian width (px) of every ice line; None draws 1.0-2.5 px.
+    ice_texture : float
+        0 = whole rings (powder); > 0 = partial, textured rings: the rings'
+        counts are modulated around the azimuth by ``exp(k (cos(n (phi -
+        phi0)) - 1))`` with ``k = 6 * ice_texture`` and n = 1..3 (arcs),
+        normalised to the same azimuthal mean, so the ring's total counts do
+        not change.
     saturation : float
         Count cutoff; values are clipped to it.
     overload : float
@@ -102,6 +112,9 @@ class SimConfig:
         Faulty 256 x 256 readout chips (anomaly: detector fault), dead or hot.
     hot_saturated : int
         Isolated pixels stuck at the count cutoff (a normal detector defect).
+    dark_counts : float or None
+        Mean dark counts per pixel added to every frame (Poisson); None =
+        0.01 on frames without beam and 0 otherwise (the original behaviour).
     dtype : str
         Output dtype ("int32" with -1/-2 markers, or "uint32"/"uint16" with
         markers mapped to the dtype maximum and 0).
@@ -139,6 +152,9 @@ class SimConfig:
     stripes: int = 0
     bad_asics: int = 0
     hot_saturated: int = 0
+    ice_width: float | None = None
+    ice_texture: float = 0.0
+    dark_counts: float | None = None
 
     def geometry(self) -> Geometry:
         """The geometry the instrument *believes* (beam at ``beam_center``)."""
@@ -161,8 +177,12 @@ class SimFrame:
         on valid pixels), ``sigma`` (profile width, px), ``background``
         (expected counts/pixel under the spot), ``snr`` (see :func:`spot_snr`).
     expected_background : ndarray of float32
-        Noise-free background counts per pixel.
+        Noise-free background counts per pixel (without dark counts).
     config : SimConfig
+    fault_lost_counts : float
+        Expected counts (background and spots) on the pixels that dead
+        modules, dead readout bands and dead chips set to 0: how visible a
+        dead-area fault is (near 0 on a nearly empty frame).
     """
 
     frame: np.ndarray
@@ -170,6 +190,7 @@ class SimFrame:
     spots: dict
     expected_background: np.ndarray = field(repr=False)
     config: SimConfig = field(repr=False, default_factory=SimConfig)
+    fault_lost_counts: float = 0.0
 
 
 def spot_snr(intensity, background, sigma):
@@ -194,27 +215,71 @@ def _radius_map(shape, center) -> np.ndarray:
     return np.sqrt(x * x + y * y)
 
 
-def _background_model(cfg: SimConfig, geom: Geometry, r: np.ndarray) -> np.ndarray:
-    tth = np.arctan(r * np.float32(geom.pixel_size_mm / geom.distance_mm))
+def background_profile(background: float, geom: Geometry, r) -> np.ndarray:
+    """Noise-free background (counts/pixel) at radii ``r`` (px) from the true beam.
+
+    Air scatter falling with resolution, a broad solvent ring near 3.2 A and a
+    flat floor, scaled so ``background`` is the solvent-ring level, times the
+    ``cos^3`` obliquity falloff (no flux factor, no beamstop).
+    """
+    r = np.asarray(r, dtype=np.float64)
+    tth = np.arctan(r * (geom.pixel_size_mm / geom.distance_mm))
     with np.errstate(divide="ignore"):
-        d = np.float32(geom.wavelength_A) / (2.0 * np.sin(tth / 2.0))
-    s = 1.0 / d  # 1/A, 0 at the beam
+        s = 2.0 * np.sin(tth / 2.0) / geom.wavelength_A  # 1/d in 1/A, 0 at the beam
     solvent = np.exp(-0.5 * ((s - 1.0 / 3.2) / 0.06) ** 2)
     air = 0.6 * np.exp(-s / 0.08)
     floor = 0.15
-    # solid angle and polarisation-free obliquity falloff
-    bg = cfg.background * (solvent + air + floor) * np.cos(tth) ** 3
-    return bg.astype(np.float32)
+    return background * (solvent + air + floor) * np.cos(tth) ** 3
 
 
-def _ice(cfg: SimConfig, geom: Geometry, r: np.ndarray, rng) -> np.ndarray:
-    out = np.zeros(r.shape, np.float32)
+#: Radial step (px) of the tabulated radial models (background, ice).
+_R_STEP = 0.25
+
+
+def _radial_lookup(r: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table`` (tabulated every _R_STEP px from 0) at the radii ``r``, nearest entry."""
+    idx = np.empty(r.shape, np.int32)
+    idx[...] = r * np.float32(1.0 / _R_STEP) + np.float32(0.5)
+    return table.astype(np.float32)[idx]
+
+
+def _radial_grid(r: np.ndarray) -> np.ndarray:
+    return np.arange(int(float(r.max()) / _R_STEP) + 2, dtype=np.float64) * _R_STEP
+
+
+def _background_model(cfg: SimConfig, geom: Geometry, r: np.ndarray) -> np.ndarray:
+    # radially symmetric: tabulated on a fine radial grid and looked up (a
+    # 16M frame in a fraction of the per-pixel evaluation's time)
+    grid = _radial_grid(r)
+    return _radial_lookup(r, background_profile(cfg.background, geom, grid))
+
+
+def _ice(cfg: SimConfig, geom: Geometry, r: np.ndarray, rng, rng_x, center) -> np.ndarray:
     radii = geom.radius_for_d(ICE_D_SPACINGS)
     width = rng.uniform(1.0, 2.5)
+    if cfg.ice_width is not None:
+        width = float(cfg.ice_width)
+    grid = _radial_grid(r)
+    prof = np.zeros(grid.shape, np.float64)
     for rad, rel in zip(radii, ICE_REL_INTENSITY):
-        if not np.isfinite(rad) or rad > r.max():
+        if not np.isfinite(rad) or rad > grid[-1]:
             continue
-        out += np.float32(cfg.ice_strength * rel) * np.exp(-0.5 * ((r - np.float32(rad)) / np.float32(width)) ** 2)
+        prof += cfg.ice_strength * rel * np.exp(-0.5 * ((grid - rad) / width) ** 2)
+    out = _radial_lookup(r, prof)
+    if cfg.ice_texture > 0:
+        # partial rings: arcs around the azimuth, same azimuthal mean
+        k = 6.0 * float(cfg.ice_texture)
+        n = int(rng_x.integers(1, 4))
+        phi0 = float(rng_x.uniform(0.0, 2.0 * np.pi))
+        a = np.linspace(-np.pi, np.pi, 721)
+        mod = np.exp(k * (np.cos(n * (a - phi0)) - 1.0))
+        mod /= mod[:-1].mean()
+        ny, nx = r.shape
+        yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(center[1])
+        xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(center[0])
+        ang = np.arctan2(yy, xx)
+        idx = ((ang + np.float32(np.pi)) * np.float32(720 / (2 * np.pi)) + np.float32(0.5)).astype(np.int32)
+        out *= mod.astype(np.float32)[idx]
     return out
 
 
@@ -253,19 +318,35 @@ def _place_spots(cfg: SimConfig, geom: Geometry, true_center, bg, valid, rng):
     return xs, ys, sig, inten
 
 
-def _render_spots(shape, xs, ys, sig, inten):
-    """Pixel-integrated Gaussian spots (expected counts) as a sparse add list."""
+def _spot_patches(shape, xs, ys, sig, inten):
+    """Pixel-integrated Gaussian spots (expected counts), all spots at once.
+
+    Returns ``rows, cols, values``: (n, 2h+1, 2h+1) patches around each spot's
+    nearest pixel (h from the widest spot, 4 sigma + 1), with out-of-frame
+    pixels given value 0 and clamped indices.
+    """
     ny, nx = shape
+    h = int(np.ceil(4 * float(np.max(sig, initial=0.5)))) + 1
+    off = np.arange(-h, h + 1)
+    cy, cx = np.round(ys).astype(np.int64), np.round(xs).astype(np.int64)
+    rows, cols = cy[:, None] + off[None, :], cx[:, None] + off[None, :]
+    edge = np.concatenate([off - 0.5, [h + 0.5]])
+    k = 1.0 / (np.sqrt(2.0) * sig[:, None])
+    ey = _erf((cy[:, None] + edge[None, :] - ys[:, None]) * k)
+    ex = _erf((cx[:, None] + edge[None, :] - xs[:, None]) * k)
+    py = np.diff(ey, axis=1) * 0.5 * ((rows >= 0) & (rows < ny))
+    px = np.diff(ex, axis=1) * 0.5 * ((cols >= 0) & (cols < nx))
+    vals = inten[:, None, None] * py[:, :, None] * px[:, None, :]
+    rr = np.broadcast_to(np.clip(rows, 0, ny - 1)[:, :, None], vals.shape)
+    cc = np.broadcast_to(np.clip(cols, 0, nx - 1)[:, None, :], vals.shape)
+    return rr, cc, vals
+
+
+def _render_spots(shape, patches):
+    """The spots' expected counts as an image (float32)."""
     out = np.zeros(shape, np.float32)
-    for x, y, s, a in zip(xs, ys, sig, inten):
-        h = int(np.ceil(4 * s)) + 1
-        i0, i1 = max(int(round(y)) - h, 0), min(int(round(y)) + h + 1, ny)
-        j0, j1 = max(int(round(x)) - h, 0), min(int(round(x)) + h + 1, nx)
-        ei = np.arange(i0, i1 + 1) - 0.5  # pixel edges
-        ej = np.arange(j0, j1 + 1) - 0.5
-        py = np.diff(_erf((ei - y) / (np.sqrt(2) * s))) * 0.5
-        px = np.diff(_erf((ej - x) / (np.sqrt(2) * s))) * 0.5
-        out[i0:i1, j0:j1] += (a * np.outer(py, px)).astype(np.float32)
+    rr, cc, vals = patches
+    np.add.at(out, (rr.ravel(), cc.ravel()), vals.ravel().astype(np.float32))
     return out
 
 
@@ -296,8 +377,11 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
 
     r_true = _radius_map(geom.shape, true_center)
     bg = _background_model(cfg, geom, r_true) * np.float32(cfg.flux)
+    # extra anomaly knobs draw from their own stream: enabling one leaves the
+    # spots, noise and defects of the frame unchanged
+    rng_x = np.random.default_rng([seed, 0x5EED])
     if cfg.ice_rings and cfg.flux > 0:
-        bg += _ice(cfg, geom, r_true, rng) * np.float32(cfg.flux)
+        bg += _ice(cfg, geom, r_true, rng, np.random.default_rng([seed, 0x1CE]), true_center) * np.float32(cfg.flux)
 
     # beamstop: disc at the true beam plus an arm to the right edge
     shadow = None
@@ -319,7 +403,8 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
 
     if cfg.crystal and cfg.flux > 0 and cfg.n_spots > 0:
         xs, ys, sig, inten = _place_spots(cfg, geom, true_center, bg, valid, rng)
-        spots_img = _render_spots(geom.shape, xs, ys, sig, inten)
+        patches = _spot_patches(geom.shape, xs, ys, sig, inten)
+        spots_img = _render_spots(geom.shape, patches)
     else:
         xs = ys = sig = inten = np.zeros(0)
         spots_img = None
@@ -329,9 +414,6 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         if spots_img is not None:
             spots_img[shadow] = 0.0
     expected = bg if spots_img is None else bg + spots_img
-    # extra anomaly knobs draw from their own stream: enabling one leaves the
-    # spots, noise and defects of the frame unchanged
-    rng_x = np.random.default_rng([seed, 0x5EED])
     if cfg.direct_beam > 0 and cfg.flux > 0:
         yy = np.arange(ny, dtype=np.float32)[:, None] - np.float32(true_center[1])
         xx = np.arange(nx, dtype=np.float32)[None, :] - np.float32(true_center[0])
@@ -339,31 +421,30 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         expected = expected + np.float32(cfg.direct_beam) * np.exp(-(xx * xx + yy * yy) / s2)
     counts = rng.poisson(expected).astype(np.float64)
     # dark noise of a photon counter is nearly nil, but keep a trickle
-    if cfg.flux == 0:
-        counts += rng.poisson(0.01, size=counts.shape)
+    if cfg.dark_counts is None:
+        if cfg.flux == 0:
+            counts += rng.poisson(0.01, size=counts.shape)
+    elif cfg.dark_counts > 0:
+        counts += np.random.default_rng([seed, 0xDA4]).poisson(cfg.dark_counts, size=counts.shape)
 
     # truth: recorded intensity on valid pixels, background under the spot
     if len(xs):
         xi = np.clip(np.round(xs).astype(int), 0, nx - 1)
         yi = np.clip(np.round(ys).astype(int), 0, ny - 1)
         b_under = bg[yi, xi].astype(np.float64)
-        recorded = inten.copy()
-        # spots clipped by a gap/shadow keep only their in-module share
-        frac = np.ones(len(xs))
-        for k in range(len(xs)):
-            h = int(np.ceil(4 * sig[k])) + 1
-            i0, i1 = max(yi[k] - h, 0), min(yi[k] + h + 1, ny)
-            j0, j1 = max(xi[k] - h, 0), min(xi[k] + h + 1, nx)
-            patch = spots_img[i0:i1, j0:j1]
-            tot = patch.sum()
-            if tot > 0:
-                frac[k] = patch[valid[i0:i1, j0:j1]].sum() / tot
-        recorded = recorded * frac
+        # spots cut by a gap or the beamstop (disc and arm) keep only their share on sensitive pixels
+        rr, cc, vals = patches
+        seen = valid[rr, cc] if shadow is None else valid[rr, cc] & ~shadow[rr, cc]
+        tot = vals.sum(axis=(1, 2))
+        frac = np.where(tot > 0, (vals * seen).sum(axis=(1, 2)) / np.maximum(tot, 1e-300), 0.0)
+        recorded = inten * frac
     else:
         b_under = np.zeros(0)
         recorded = np.zeros(0)
 
     # detector faults and defects
+    lost = [0.0]
+    dead_boxes = []
     if cfg.dead_modules:
         layout = LAYOUTS[cfg.layout.lower()]
         (mr, mc), (pr, pc), (gr, gc) = layout.modules, layout.module_shape, layout.gap
@@ -371,13 +452,15 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         for m in picks:
             i, j = divmod(int(m), mc)
             r0, c0 = i * (pr + gr), j * (pc + gc)
-            counts[r0 : r0 + pr, c0 : c0 + pc] = 0
+            box = (slice(r0, r0 + pr), slice(c0, c0 + pc))
+            dead_boxes.append(box)
+            lost[0] += float(expected[box][valid[box]].sum())
     if cfg.hot_cluster:
         cy, cx = rng.integers(50, ny - 50), rng.integers(50, nx - 50)
         hy, hx = rng.integers(8, 30), rng.integers(8, 30)
         counts[cy : cy + hy, cx : cx + hx] += rng.integers(200, 5000, size=(min(hy, ny - cy), min(hx, nx - cx)))
     if cfg.stripes or cfg.bad_asics:
-        _readout_faults(cfg, counts, bg, rng_x)
+        _readout_faults(cfg, counts, bg, rng_x, expected=expected, valid=valid, lost=lost)
     flat = counts.reshape(-1)
     vidx = np.flatnonzero(valid.reshape(-1))
     if cfg.n_dead:
@@ -386,6 +469,8 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         flat[rng.choice(vidx, cfg.n_hot, replace=False)] = rng.integers(500, 50000, cfg.n_hot)
     if cfg.hot_saturated:
         flat[rng_x.choice(vidx, cfg.hot_saturated, replace=False)] = cfg.saturation
+    for box in dead_boxes:  # a dead module reads 0, hot pixels included
+        counts[box] = 0
     np.minimum(counts, cfg.saturation, out=counts)
 
     bad = np.zeros(ny * nx, dtype=bool)
@@ -409,11 +494,12 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         if len(xs) else np.zeros(0, bool),
     }
     del mask
-    return SimFrame(frame, geom, truth, bg, cfg)
+    return SimFrame(frame, geom, truth, bg, cfg, fault_lost_counts=lost[0])
 
 
-def _readout_faults(cfg: SimConfig, counts: np.ndarray, bg: np.ndarray, rng) -> None:
-    """Faulty readout bands and chips, in place: dead (0) or hot (extra counts)."""
+def _readout_faults(cfg: SimConfig, counts: np.ndarray, bg: np.ndarray, rng, *, expected, valid, lost) -> None:
+    """Faulty readout bands and chips, in place: dead (0) or hot (extra counts).
+    Expected counts on the pixels set dead are added to ``lost[0]``."""
     layout = LAYOUTS[cfg.layout.lower()]
     (mr, mc), (pr, pc), (gr, gc) = layout.modules, layout.module_shape, layout.gap
     level = float(np.mean(bg)) + 1.0  # scale hot faults to the frame's background
@@ -429,6 +515,7 @@ def _readout_faults(cfg: SimConfig, counts: np.ndarray, bg: np.ndarray, rng) -> 
             sl = (slice(r0, r0 + pr), slice(a, a + w))
         if rng.random() < 0.5:
             counts[sl] = 0
+            lost[0] += float(expected[sl][valid[sl]].sum())
         else:
             counts[sl] += rng.poisson(level * rng.uniform(3.0, 30.0), size=counts[sl].shape)
     chip = 256
@@ -439,6 +526,7 @@ def _readout_faults(cfg: SimConfig, counts: np.ndarray, bg: np.ndarray, rng) -> 
         sl = (slice(r0, r0 + chip), slice(c0, c0 + chip))
         if rng.random() < 0.5:
             counts[sl] = 0
+            lost[0] += float(expected[sl][valid[sl]].sum())
         else:
             counts[sl] += rng.poisson(level * rng.uniform(2.0, 20.0), size=counts[sl].shape)
 

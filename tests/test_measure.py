@@ -58,7 +58,8 @@ def _module_boxes(layout):
 
 def test_dead_module_is_found_and_clean_frames_have_none():
     sf = simulate(layout="4m", seed=4, dead_modules=1)
-    dead_modules = [b for b in _module_boxes("4m") if sf.frame[b[0]:b[1], b[2]:b[3]].max() <= 0]
+    # the dead module reads 0 except where an independent hot pixel landed in it
+    dead_modules = [b for b in _module_boxes("4m") if np.mean(sf.frame[b[0]:b[1], b[2]:b[3]] > 0) < 1e-3]
     assert len(dead_modules) == 1
     m0, m1, n0, n1 = dead_modules[0]
     boxes = find_dead_regions(sf.frame, sf.geometry)

@@ -94,8 +94,9 @@ print(json.dumps({'runtime_path': m.runtime_path, 'self_test': m.self_test.summa
 MAX_CPU_SNIPPET = r"""
 import json, numpy as np
 from edge.anomaly import AnomalyModel, ModelSelfTestError, default_model_path, make_interpreter, run_int8
+from edge.features import N_FEATURES
 blob = default_model_path().read_bytes()
-raw = {p: run_int8(make_interpreter(blob, runtime_path=p), np.zeros((1, 103), np.int8))[0].tolist()
+raw = {p: run_int8(make_interpreter(blob, runtime_path=p), np.zeros((1, N_FEATURES), np.int8))[0].tolist()
        for p in ('default', 'builtin', 'reference')}
 try:
     m = AnomalyModel.load()
