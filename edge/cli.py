@@ -7,8 +7,10 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -995,6 +997,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "site", None) and args.cmd in ("run", "warmup"):
         args.explicit = _explicit(argv, args.cmd)
+    if argv is None and threading.current_thread() is threading.main_thread():
+        # Ctrl-C / SIGINT always ends a command, also when a parent started
+        # us with SIGINT ignored (a shell's background job, nohup ... &)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # e.g. Ctrl-C during the kernel warm-up (a running loop handles its own)
