@@ -19,7 +19,8 @@ import zlib
 import numpy as np
 from numba import njit
 
-from .._validate import KERNEL_DTYPES, as_frame
+from .._validate import KERNEL_DTYPES
+from ..background import prepare_frame
 
 __all__ = ["MASKED", "LEVELS", "downsample_max", "encode_png_gray8", "frame_view", "resolution_rings", "warm"]
 
@@ -32,8 +33,8 @@ _RING_D_A = (20.0, 10.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 
 
 
 @njit(cache=True, nogil=True)
-def _block_max(frame, valid, factor, marker):
-    """Block maxima (float32) of valid pixels with 0 <= v < inf and v != marker; -1 where none.
+def _block_max(frame, valid, factor, hi_valid):
+    """Block maxima (float32) of valid pixels with 0 <= v <= hi_valid; -1 where none.
 
     Per row of blocks, a column-wise running maximum over its ``factor`` rows
     (a branch-free loop the compiler vectorises), then one horizontal pass.
@@ -50,7 +51,7 @@ def _block_max(frame, valid, factor, marker):
             for j in range(nx):
                 x = frame[i, j]
                 v = np.float32(x)
-                ok = (v >= 0.0) & (x != marker) & (v <= np.float32(3.0e38))  # NaN fails
+                ok = (v >= 0.0) & (np.float64(x) <= hi_valid)  # NaN fails both
                 if use_valid:
                     ok &= valid[i, j]
                 w = v if ok else np.float32(-1.0)
@@ -106,12 +107,9 @@ _NO_VALID = np.zeros((0, 0), dtype=np.bool_)
 
 
 def _blocks(frame: np.ndarray, valid: np.ndarray | None, factor: int) -> np.ndarray:
-    arr = as_frame(frame)
-    if valid is not None and valid.shape != arr.shape:
-        raise ValueError(f"valid shape {valid.shape} does not match frame shape {arr.shape}")
-    v = _NO_VALID if valid is None else np.ascontiguousarray(valid, dtype=np.bool_)
-    marker = int(np.iinfo(arr.dtype).max) if arr.dtype.kind == "u" else -1  # EIGER's gap marker
-    return _block_max(arr, v, max(1, int(factor)), np.int64(marker))
+    # the kernels' own frame and mask checks and valid range (gap markers)
+    arr, msk, _, hi_valid = prepare_frame(frame, valid)
+    return _block_max(arr, _NO_VALID if msk is None else msk, max(1, int(factor)), hi_valid)
 
 
 def downsample_max(frame: np.ndarray, valid: np.ndarray | None, factor: int) -> np.ndarray:
