@@ -378,13 +378,14 @@ def cmd_run(args) -> int:
     dtypes = WARMUP_DTYPES if getattr(source, "dtype", None) is None else (source.dtype,)
     print(f"edge run: source {source!r}, warming up kernels for {', '.join(map(str, dtypes))} frames ...",
           file=sys.stderr)
-    warmup(dtypes, features=model is not None, extras=False, progress=_warmup_progress("edge run"))
-    if model is not None:  # one inference; not model.warmup(), which compiles features for every dtype
-        import numpy as np
+    with _interrupt_exits("edge run", cleanup=lambda: _remove(created)):  # nothing ran: leave no empty file
+        warmup(dtypes, features=model is not None, extras=False, progress=_warmup_progress("edge run"))
+        if model is not None:  # one inference; not model.warmup(), which compiles features for every dtype
+            import numpy as np
 
-        from .features import N_FEATURES
+            from .features import N_FEATURES
 
-        model.predict(np.zeros(N_FEATURES, np.float32))
+            model.predict(np.zeros(N_FEATURES, np.float32))
 
     with contextlib.ExitStack() as stack:
         if web is not None:
@@ -723,6 +724,39 @@ def _warmup_progress(prog: str):
     return progress
 
 
+_OWN_PROCESS = False  # set by main() when it runs as the process (not called from Python)
+
+
+@contextlib.contextmanager
+def _interrupt_exits(prog: str, cleanup=None):
+    """Around kernel compilation: Ctrl-C prints one line and exits 130 at once.
+
+    A KeyboardInterrupt raised while LLVM calls back into Python is swallowed
+    by ctypes (the compile goes on and the run starts anyway) or leaves
+    half-built objects that print tracebacks at exit; so when we are the
+    process, the handler leaves directly. Called from Python (tests), Ctrl-C
+    raises KeyboardInterrupt as usual."""
+    if not _OWN_PROCESS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if cleanup is not None:
+            with contextlib.suppress(Exception):
+                cleanup()
+        with contextlib.suppress(Exception):
+            print(f"{prog}: interrupted", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(130)
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @contextlib.contextmanager
 def _stop_on_signals(pipe):
     """SIGTERM (systemd stop) or a first Ctrl-C end the run cleanly: the
@@ -772,7 +806,8 @@ def cmd_warmup(args) -> int:
             print(f"edge warmup: source {spec}: {exc}; preparing the usual frame dtypes", file=sys.stderr)
     dtypes = dtypes or list(WARMUP_DTYPES)
     t0 = time.perf_counter()
-    warmup(dtypes, features=use_model, extras=args.all, progress=_warmup_progress("edge warmup"))
+    with _interrupt_exits("edge warmup"):
+        warmup(dtypes, features=use_model, extras=args.all, progress=_warmup_progress("edge warmup"))
     where = cache.cache_dir(os.path.dirname(os.path.abspath(__file__)))
     print(f"edge warmup: kernels for {', '.join(str(d) for d in dtypes)} frames ready in "
           f"{time.perf_counter() - t0:.1f} s (cache: {where or 'none, no writable directory'})")
@@ -997,6 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "site", None) and args.cmd in ("run", "warmup"):
         args.explicit = _explicit(argv, args.cmd)
+    global _OWN_PROCESS
+    _OWN_PROCESS = argv is None
     if argv is None and threading.current_thread() is threading.main_thread():
         # Ctrl-C / SIGINT always ends a command, also when a parent started
         # us with SIGINT ignored (a shell's background job, nohup ... &)
@@ -1005,6 +1042,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:  # e.g. Ctrl-C during the kernel warm-up (a running loop handles its own)
         print(f"edge {args.cmd}: interrupted", file=sys.stderr)
+        if argv is None:
+            # A process of our own: a Ctrl-C that landed inside LLVM leaves
+            # half-built compiler objects whose finalizers print tracebacks at
+            # interpreter exit, so leave without running them.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 
