@@ -38,13 +38,21 @@ geometry-normalised vector of :data:`N_FEATURES` float32 values:
   more at any detector size), very strong ones, and what separates Bragg
   spots from fakes of a wrong background model: median size, sharpness
   (brightest pixel / intensity), diffuse fraction, azimuthal clustering
-  around the believed centre and the fraction on ice d-spacings.
+  around the believed centre and the fraction on ice d-spacings;
+* photons on mostly-empty frames: the fraction of pixels reading > 0, its
+  radial unevenness, and per tile the Poisson z of that count against what
+  the frame's nonzero fraction at each radius predicts (dead or hot regions
+  where the clipped ring means read 0);
+* ice rings at full resolution: the Poisson z of each strong ice line in the
+  profile of the ice bands (:mod:`edge.evidence.ice`, the evidence gate's
+  own numbers).
 
 The per-pixel work is one pass (:func:`_accumulate`) over every
 ``row_step``-th row plus full resolution within :data:`INNER_FULL_PX` of the
 beam centre, walking runs of constant (grid cell, tile) precomputed per
-geometry (:func:`_row_segments`); everything else works on a few thousand
-numbers (4M frame: about 2.5 ms on 2 cores). Call
+geometry (:func:`_row_segments`), a pass over the same rows for the
+nonzero counts per (tile, radial bin) and a gather of the ice-band pixels;
+everything else works on a few thousand numbers. Call
 :func:`warmup` once at start-up so nothing compiles in the hot path.
 """
 
@@ -150,7 +158,9 @@ def _names() -> tuple[str, ...]:
     n += ["log2_hot_block_excess"]
     n += ["log_clear_peaks", "log_very_strong_peaks", "clear_peak_log_npix_median", "clear_peak_sharpness_median",
           "clear_peak_diffuse_fraction", "clear_peak_azimuth_r1", "clear_peak_ice_fraction"]
-    n += ["log_nonzero_fraction", "nonzero_tile_contrast"]
+    n += ["log_nonzero_fraction", "nonzero_tile_contrast", "tile_nonzero_deficit_z_max", "tile_nonzero_excess_z_max"]
+    n += [f"ice_ring_z_{d:.3f}A" for d in ICE_LINES_A[:3]]
+    n += ["ice_ring_z_weak_lines_max", "ice_ring_log2_contrast_max"]
     return tuple(n)
 
 
@@ -601,6 +611,49 @@ def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, 
     return _sum_chunks(acc_c, np.empty((2, N_ICE_SECTORS * nb), dtype=np.float64))
 
 
+#: Radial bins (equal width in ring number) of the tile nonzero-pixel expectation.
+N_NZ_RBINS = 32
+#: Relative systematic error of that expectation (flat field, shadows).
+NZ_SYSTEMATIC = 0.05
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _tile_radial_nonzero(frame, rbmap, n_rb, tile_col, n_tiles, lo_valid, hi_valid, row_step, nchunks):
+    """Valid pixels and pixels reading > 0 per (tile, radial bin) over every ``row_step``-th row.
+
+    ``rbmap[i, j]`` is pixel (i, j)'s radial bin (>= ``n_rb``: outside the
+    geometry's valid area); tile ``t = (i * n_tiles // ny) * n_tiles + k``
+    with column tile ``k`` for ``tile_col[k] <= j < tile_col[k + 1]``.
+
+    Returns
+    -------
+    acc : int64 (n_tiles * n_tiles, n_rb, 2)  -- valid pixels, pixels > 0
+    """
+    ny, nx = frame.shape
+    nr1 = n_rb + 1  # slot n_rb collects the invalid pixels: no branch in the loop
+    size = n_tiles * n_tiles * nr1 * 2
+    acc_c = np.empty((nchunks, size), dtype=np.int64)
+    for c in prange(nchunks):
+        a = acc_c[c]
+        _zero(a)
+        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            if (i % row_step) != 0:
+                continue
+            trow = (i * n_tiles // ny) * n_tiles
+            row = frame[i]
+            rbr = rbmap[i]
+            for k in range(n_tiles):
+                base = (trow + k) * nr1 * 2
+                for j in range(tile_col[k], tile_col[k + 1]):
+                    r = min(np.int64(rbr[j]), n_rb)
+                    v = row[j]
+                    ok = (v >= lo_valid) & (v <= hi_valid)
+                    q = base + 2 * (r if ok else n_rb)
+                    a[q] += 1
+                    a[q + 1] += v > 0
+    out = _sum_chunks(acc_c, np.empty(size, dtype=np.int64))
+    return out.reshape(n_tiles * n_tiles, nr1, 2)[:, :n_rb, :]
+
 @njit(cache=True, nogil=True)
 def _sector_ice_search(acc, nb, line_off, shift, flank_in, flank_out):
     """Best ice-line significance per sector over a common radial shift.
@@ -782,6 +835,72 @@ def frame_features(frame: np.ndarray, geometry: Geometry, *, stats: RadialStats 
                                      row_step=row_step)
 
 
+def _radial_groups(tile_ids: np.ndarray, shape: tuple[int, int], bx: float, by: float) -> np.ndarray:
+    """Four equal groups of tiles (0 = nearest) by the distance of their centre from the beam."""
+    ny, nx = shape
+    rad = np.hypot((tile_ids // N_TILES + 0.5) * ny / N_TILES - by, (tile_ids % N_TILES + 0.5) * nx / N_TILES - bx)
+    return np.argsort(np.argsort(rad, kind="stable"), kind="stable") * 4 // len(tile_ids)
+
+
+def _rb_map(geometry: Geometry, stats: RadialStats) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel radial bin of :func:`_tile_radial_nonzero` (uint8; 255 outside
+    the valid area) and the column-tile edges, cached per geometry."""
+    key = ("anomaly_nonzero_rb", stats.bins.nbins, stats.bins.width, geometry.beam_center)
+    tab = geometry._cache.get(key)
+    if tab is None:
+        nbins = int(stats.bins.nbins)
+        idx = stats.bins.index
+        rb = (np.arange(nbins, dtype=np.int64) * N_NZ_RBINS) // max(nbins, 1)
+        rbmap = np.where(idx < nbins, rb[np.minimum(idx, max(nbins - 1, 0))], 255).astype(np.uint8)
+        nx = geometry.shape[1]
+        tile_col = np.array([(k * nx + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
+        tab = (rbmap, tile_col)
+        geometry._cache[key] = tab
+    return tab
+
+
+def _tile_nonzero_z(arr, geometry: Geometry, stats: RadialStats, lo_valid: float, hi_valid: float,
+                    row_step: int) -> np.ndarray:
+    """Poisson z, per tile, of its count of pixels reading > 0 against the
+    count expected from the frame's own nonzero fraction at each radius
+    (:data:`N_NZ_RBINS` radial bins over all tiles, so beamstop shadow and
+    scatter fall-off are in the expectation), with a relative systematic
+    error :data:`NZ_SYSTEMATIC` added to the Poisson variance; tiles with
+    < 16 sampled pixels are left out."""
+    rbmap, tile_col = _rb_map(geometry, stats)
+    acc = _tile_radial_nonzero(arr, rbmap, N_NZ_RBINS, tile_col, N_TILES, float(lo_valid), float(hi_valid),
+                               int(row_step), _nchunks()).astype(np.float64)
+    n, c = acc[:, :, 0], acc[:, :, 1]
+    p = c.sum(axis=0) / np.maximum(n.sum(axis=0), 1.0)
+    e = n @ p
+    nt = n.sum(axis=1)
+    ok = nt >= 16
+    # 5 % systematic on top of Poisson: real detectors' flat-field and shadow
+    # structure stays below it; on sparse frames Poisson dominates
+    return (c.sum(axis=1)[ok] - e[ok]) / np.sqrt(e[ok] + 1.0 + (NZ_SYSTEMATIC * e[ok]) ** 2)
+
+
+def _signed_log(z: float) -> float:
+    return math.copysign(math.log1p(abs(z)), z)
+
+
+def _ice_ring_z(arr, geometry: Geometry, stats: RadialStats, peaks, lo_valid: float, hi_valid: float) -> list[float]:
+    """Full-resolution ice-ring evidence as five numbers: signed log1p of the
+    Poisson z of the three strongest lines and the largest of the weaker
+    ones, and log2 of the largest contrast among lines with z >= 3 (0 if
+    none or no line on the detector)."""
+    from .evidence.ice import ice_ring_evidence, ring_profile  # imports this module: not at the top
+
+    mean, count = ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo_valid, hi_valid=hi_valid)
+    rings = {round(r["d_A"], 3): r for r in ice_ring_evidence(mean, count, geometry, bin_width=stats.bins.width)}
+    z = [rings[round(float(d), 3)]["z"] if round(float(d), 3) in rings else 0.0 for d in ICE_LINES_A]
+    weak = max(z[3:]) if len(z) > 3 else 0.0
+    con = [r["contrast"] for r in rings.values() if r["z"] >= 3.0]
+    z3 = [float(np.clip(v, -50.0, 1.0e4)) for v in z[:3]]
+    return [_signed_log(v) for v in z3] + [_signed_log(float(np.clip(weak, -50.0, 1.0e4))),
+                                          float(np.clip(np.log2(max(con)), 0.0, 4.0)) if con else 0.0]
+
+
 def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: RadialStats, peaks, *,
                               lo_valid: float = 0.0, hi_valid: float = 1.0e300,
                               row_step: int = 4) -> np.ndarray:
@@ -935,17 +1054,27 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
         out[k] = np.log10(nz.sum() / nt.sum() + 1e-6)
         keep = np.argsort(nz / nt, kind="stable")
         keep = keep[:-2] if len(keep) > 8 else keep
-        tid = np.flatnonzero(ok)[keep]
-        ny, nx = arr.shape
-        rad = np.hypot((tid // N_TILES + 0.5) * ny / N_TILES - by, (tid % N_TILES + 0.5) * nx / N_TILES - bx)
-        grp = np.argsort(np.argsort(rad, kind="stable"), kind="stable") * 4 // len(tid)
+        grp = _radial_groups(np.flatnonzero(ok)[keep], arr.shape, bx, by)
         n_g = np.bincount(grp, nt[keep], 4)
         c_g = np.bincount(grp, nz[keep], 4)
         p0 = c_g.sum() / n_g.sum()
         g = n_g > 0
         chi2 = np.sum((c_g[g] - n_g[g] * p0) ** 2 / (n_g[g] * p0 * (1.0 - p0) + 1e-12))
         out[k + 1] = np.log1p(chi2)
-    k += 2
+        # a dead or hot region on a sparse frame: the deficit / excess of
+        # pixels reading > 0 in a tile, in Poisson sigmas, against what the
+        # frame's nonzero fraction at each radius predicts (the zero-excess
+        # features compare with the clipped ring means, which read 0 there)
+        z_t = _tile_nonzero_z(arr, geometry, stats, lo_valid, hi_valid, row_step)
+        if len(z_t):
+            out[k + 2] = np.log1p(max(-z_t.min(), 0.0))
+            out[k + 3] = np.log1p(max(z_t.max(), 0.0))
+    k += 4
+    # ice rings at full resolution: the Poisson z of each line's excess over
+    # its flanks in the profile of the ring bands (the evidence gate's own
+    # numbers, edge.evidence.ice); every 4th row would halve a faint ring's z
+    out[k : k + 5] = _ice_ring_z(arr, geometry, stats, peaks, lo_valid, hi_valid)
+    k += 5
     assert k == N_FEATURES
     return out.astype(np.float32)
 

@@ -42,7 +42,7 @@ CACHE = ROOT / "runs" / "anomaly_cache"  # gitignored; never required
 
 #: Seed ranges (half-open). Held-out and test seeds are never used in training.
 SPLITS = {
-    "train": (0, 12000),
+    "train": (0, 16000),
     "validation": (100_000, 101_000),  # threshold tuning only
     "heldout": (200_000, 201_000),     # reported metrics
 }
@@ -54,7 +54,7 @@ FRESH_SEEDS_FROM = 900_000
 #: Seeds per cache file.
 BLOCK = 2000
 RECIPE_VERSION = 5  # bump when edge.anomaly_data or edge.features change
-MODEL_VERSION = 4
+MODEL_VERSION = 5
 CLIP = 6.0  # standardised features are clipped to +-CLIP before the network
 HIDDEN = (128, 64)
 #: A tuned class threshold replaces 0.5 only when it gains this much
@@ -80,7 +80,7 @@ SEED = 1234
 #: proposed beam_off_center on the real PILATUS strong and weak hits (0.47,
 #: 0.74: real beamstop shadows are shaped unlike simulated ones); without
 #: them, 0.24 and 0.44 at the same held-out macro F1.
-DISABLED = ("row_z_min", "col_z_min", "log2_bright_run_max", "log_rows_long_bright_run") + tuple(
+DISABLED = ("row_z_min", "col_z_min", "row_z_max", "col_z_max", "log2_bright_run_max", "log_rows_long_bright_run") + tuple(
     f"grid_r{r}_s{s}" for r in (0, 1) for s in range(8)) + ("harmonic1_r0", "harmonic1_r1")
 DISABLED_STD = 1.0e30
 
@@ -99,7 +99,7 @@ def source_hash() -> str:
     import ast
 
     h = hashlib.sha256()
-    for mod in ("sim.py", "anomaly_data.py", "features.py", "background.py", "spotfinding.py"):
+    for mod in ("sim.py", "anomaly_data.py", "features.py", "background.py", "spotfinding.py", "evidence/ice.py"):
         tree = ast.parse((ROOT / "edge" / mod).read_text())
         for node in ast.walk(tree):  # docstrings and comments do not change the data
             body = getattr(node, "body", None)

@@ -106,9 +106,9 @@ def _heldout(name):
     return m["macro_f1"], {c: v["f1"] for c, v in m["per_class"].items()}
 
 
-@pytest.mark.xfail(strict=True, reason="v4 on the recipe-v5 domain (sparse photon-counting frames, faint/broad/"
-                   "partial ice at >= 10 sigma, EIGER 16M / PILATUS 6M) reaches macro F1 0.906 (ice_rings 0.71, "
-                   "detector_fault 0.87): the issue-10 bar is not met yet; see models/README.md")
+@pytest.mark.xfail(strict=True, reason="v5 on the recipe-v5 domain (sparse photon-counting frames, faint/broad/"
+                   "partial ice at >= 10 sigma, EIGER 16M / PILATUS 6M) reaches macro F1 0.950 (ice_rings 0.89, "
+                   "detector_fault 0.91): the issue-10 bar is not met yet; see models/README.md")
 def test_card_heldout_metrics_meet_acceptance_bar():
     macro, per = _heldout("int8_tflite")
     assert macro >= ACCEPT_MACRO and min(per.values()) >= ACCEPT_CLASS, (macro, per)
@@ -117,17 +117,17 @@ def test_card_heldout_metrics_meet_acceptance_bar():
     assert CARD["int8_vs_float"]["flag_agreement"] >= 0.99
 
 
-#: What the shipped v4 model reaches on the wider recipe-v5 held-out split
-#: (macro 0.906, weakest class ice_rings 0.71): a floor against regressions
-#: until the acceptance bar above is met.
-V4_MACRO, V4_CLASS = 0.90, 0.70
+#: What the shipped v5 model reaches on the wider recipe-v5 held-out split
+#: (macro 0.950, weakest class ice_rings 0.89; v4: 0.906 and 0.71): a floor
+#: against regressions until the acceptance bar above is met.
+FLOOR_MACRO, FLOOR_CLASS = 0.94, 0.88
 
 
-def test_card_heldout_metrics_hold_the_v4_floor():
+def test_card_heldout_metrics_hold_the_v5_floor():
     macro, per = _heldout("int8_tflite")
-    assert macro >= V4_MACRO and min(per.values()) >= V4_CLASS, (macro, per)
+    assert macro >= FLOOR_MACRO and min(per.values()) >= FLOOR_CLASS, (macro, per)
     macro_f, per_f = _heldout("float_onnx")
-    assert macro_f >= V4_MACRO - 0.01 and min(per_f.values()) >= V4_CLASS - 0.01, (macro_f, per_f)
+    assert macro_f >= FLOOR_MACRO - 0.01 and min(per_f.values()) >= FLOOR_CLASS - 0.01, (macro_f, per_f)
     assert CARD["int8_vs_float"]["flag_agreement"] >= 0.99
     gated = CARD["metrics_heldout_gated"]
     assert gated["frames"] >= 150
@@ -137,12 +137,12 @@ def test_card_heldout_metrics_hold_the_v4_floor():
 #: Per-class precision/recall floor on the fresh frames (240 frames, so one
 #: frame moves a class with ~40 positives by 2.5 %).
 FRESH_FLOOR = 0.85
-#: v4 recall on the recipe-v5 fresh frames is lower for the classes whose
-#: faint cases the features see least (ice at 10 sigma on sparse frames,
-#: off-centre beams and faults at low counts): 0.68-0.83 measured; ice
-#: precision 0.81.
-FRESH_RECALL_FLOOR = {"ice_rings": 0.6, "beam_off_center": 0.6, "detector_fault": 0.75}
-FRESH_PRECISION_FLOOR = {"ice_rings": 0.75}
+#: v5 recall on the recipe-v5 fresh frames is lower for the classes whose
+#: faint cases the features see least (ice smeared by a beam off the believed
+#: centre, off-centre beams and faults at low counts): ice 0.80, off-centre
+#: beam 0.75 (24 positives: one frame is 4 %), fault 0.85 (v4: 0.68-0.83).
+FRESH_RECALL_FLOOR = {"ice_rings": 0.7, "beam_off_center": 0.65, "detector_fault": 0.75}
+FRESH_PRECISION_FLOOR = {"ice_rings": 0.8}
 
 
 def test_per_class_precision_recall_on_fresh_frames(model, fresh):
@@ -329,9 +329,9 @@ def test_golden_file_covers_every_class_and_the_issue_case():
     names = [c["name"] for c in GOLDEN["cases"]]
     assert names[0] == "all-zero int8 input"
     assert GOLDEN["cases"][0]["input_int8"] == [0] * N_FEATURES
-    # v4 model, recorded on x86-64 (v3 gave [-17, -123, -89, -128, 122, -122]
-    # there, and QEMU's "max" CPU made XNNPACK return [-128]*5 + [87])
-    assert GOLDEN["cases"][0]["output_int8"] == [45, -119, -123, -128, 90, -110]
+    # v5 model, recorded on x86-64 (v4 gave [45, -119, -123, -128, 90, -110]
+    # there, and QEMU's "max" CPU made XNNPACK return [-128]*5 + [87] for v3)
+    assert GOLDEN["cases"][0]["output_int8"] == [-52, -123, -124, -128, 63, -120]
     labels = {lab for n in names if n.startswith("seed ") for lab in n.split(": ")[1].split("+")}
     assert labels >= set(CLASSES) | {"normal"}
 

@@ -199,16 +199,40 @@ def test_low_background_blank_without_ice_is_blank_only(model, low_blank):
 
 @pytest.mark.parametrize("ratio", [1.25, 1.5])
 def test_faint_ice_on_low_background_real_blank(model, low_blank, ratio):
-    """Faint ice (1.25-1.5x a low background): the model misses it, the ring
-    evidence raises ``ice_rings`` and names the lines."""
+    """Faint ice (1.25-1.5x a low background): the model proposes it (v5:
+    full-resolution ring features; v4 gave 0.02-0.04), the ring evidence
+    confirms it and names the lines."""
     frame, geom = low_blank
     r = _classify(model, _add_ice(frame, geom, ratio, seed=2), geom)
+    assert "ice_rings" in r.assessment.proposed, r.probabilities
     assert "ice_rings" in r.flags, (r.probabilities, r.assessment.summary())
     assert set(r.flags) <= {"ice_rings", "blank"}
     ev = r.assessment.evidence["ice_rings"]
     assert 3.897 in ev["found_d_A"]
     first = next(x for x in ev["rings"] if x["d_A"] == 3.897)
     assert first["z"] >= 6 and 1.1 <= first["contrast"] <= ratio + 0.1
+
+
+
+def test_gate_raises_faint_ice_on_a_sparse_real_blank_without_a_proposal(frames):
+    """At ~0.02 counts/px the clipped ring means read 0 and the cheap ice
+    check sees nothing; the features' full-resolution ring z makes the gate
+    read the full profile, and the evidence alone raises ``ice_rings``
+    (the model proposes nothing here)."""
+    from edge.anomaly_data import CLASSES
+    from edge.features import frame_features
+
+    frame, geom = frames["blank"]
+    sparse = _add_ice(_thin(frame, 0.012, seed=5), geom, 2.0, seed=6)
+    stats = radial_stats(sparse, geometry=geom)
+    cheap = ice_ring_evidence(stats.mean, stats.count, geom, bin_width=stats.bins.width)
+    assert not any(r["z"] >= 3.0 for r in cheap), cheap  # the clipped means show no ring
+    peaks = find_peaks(sparse, geometry=geom, stats=stats)
+    f = frame_features(sparse, geom, stats=stats, peaks=peaks)
+    a = EvidenceGate()({c: 0.0 for c in CLASSES}, (), sparse, geom, stats=stats, peaks=peaks, features=f)
+    assert "ice_rings" in a.flags, a.summary()
+    ev = a.evidence["ice_rings"]
+    assert ev["profile"] == "full" and 3.897 in ev["found_d_A"]
 
 
 def test_ice_on_real_blank(model, frames):

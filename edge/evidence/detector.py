@@ -30,7 +30,14 @@ FAULT_LIMITS = {
     "hot_block_excess_px": ("log2_hot_block_excess", 0.5, 1),
     "tile_log2_ratio_max": ("tile_ratio_max", 0.5, 1),
     "tile_log2_ratio_min": ("tile_ratio_min", -0.5, -1),
+    # sparse frames (the ring means read 0): a tile's deficit / excess of
+    # pixels reading > 0, Poisson z (real frames: <= 3.2; a dead 256 px chip
+    # at 0.01 counts/px: 9)
+    "tile_nonzero_deficit_z": ("tile_nonzero_deficit_z_max", 6.0, 1),
+    "tile_nonzero_excess_z": ("tile_nonzero_excess_z_max", 8.0, 1),
 }
+#: Indicators stored as log1p(z) in the features.
+_LOG1P = ("tile_nonzero_deficit_z", "tile_nonzero_excess_z")
 
 
 def saturation_evidence(peaks, features: np.ndarray, saturation: float | None) -> dict:
@@ -81,6 +88,9 @@ def fault_evidence(features: np.ndarray, dead_regions: list | None) -> dict:
         if name == "hot_block_excess_px":
             v = 2.0 ** v - 1.0 + (HOT_BLOCK_PX if v > 0 else 0.0)
             hit = f[_IDX[feat]] >= limit
+        elif name in _LOG1P:
+            v = float(np.expm1(v))
+            hit = v >= limit
         else:
             hit = v * sign >= limit * sign
         vals[name] = round(v, 4)

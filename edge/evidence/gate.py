@@ -39,6 +39,8 @@ _TILE_ZERO_EXCESS = FEATURE_NAMES.index("tile_zero_excess_max")
 #: (real frames without ice: <= 6.3 and <= 4.4).
 _ICE_SECTOR = (FEATURE_NAMES.index("ice_sector_sig_2nd"), FEATURE_NAMES.index("ice_sector_sig_median"))
 _ICE_SECTOR_SIG = 9.0
+#: The features' full-resolution z of the three strongest ice lines (signed log1p).
+_ICE_RING_Z = tuple(FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n.startswith("ice_ring_z_") and n.endswith("A"))
 _SPARSE_ROW_STEP = 4
 
 
@@ -174,6 +176,9 @@ class EvidenceGate:
         # profile only when the model or that check suspects a ring
         ice = ice_ring_evidence(stats.mean, stats.count, geometry, bin_width=stats.bins.width)
         suspect = any(r["z"] >= _SUSPECT_Z and r["contrast"] >= _SUSPECT_CONTRAST for r in ice)
+        # the features read the ring bands at full resolution: on sparse
+        # frames, where the clipped means are 0, that is what shows a ring
+        suspect = suspect or any(float(np.expm1(features[k])) >= _SUSPECT_Z for k in _ICE_RING_Z)
         if "ice_rings" in proposed or suspect:
             arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
             mean, count = ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)

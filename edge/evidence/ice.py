@@ -153,7 +153,7 @@ def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, p
         Mean counts per pixel (each pixel capped, :func:`poisson_cap`) and
         valid pixels per ring; 0 outside the ice bands.
     """
-    flat, ring, _ = _band_table(geometry, stats)
+    flat, ring, n_pix = _band_table(geometry, stats)
     cap = poisson_cap(stats)
     nb = int(stats.bins.nbins)
     fr = np.ascontiguousarray(frame).reshape(-1)
@@ -161,11 +161,10 @@ def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, p
     if peaks is not None and len(peaks):
         x, y, rad = _peak_discs(peaks, geometry)
         if len(x):
-            inband = np.zeros(nb, dtype=np.bool_)
-            inband[ring] = True  # only rings the band sums cover
-            mark = np.zeros(geometry.shape, dtype=np.bool_)
-            s2, c2 = _disc_sums(frame, stats.bins.index, x, y, rad, cap, inband, float(lo_valid), float(hi_valid),
-                                nb, mark)
+            inband = n_pix[:nb] > 0  # only rings the band sums cover
+            o = np.argsort(x, kind="stable")
+            s2, c2 = _disc_sums(frame, stats.bins.index, np.ascontiguousarray(x[o]), np.ascontiguousarray(y[o]),
+                                np.ascontiguousarray(rad[o]), cap, inband, float(lo_valid), float(hi_valid), nb)
             s -= s2
             c -= c2
     return _means(s, c)
@@ -185,20 +184,40 @@ def _peak_discs(peaks, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 @njit(cache=True, nogil=True)
-def _disc_sums(frame, index, xs, ys, rads, cap, inband, lo_valid, hi_valid, nbins, mark):
-    """Capped sums and counts per ring over the union of discs (each pixel
-    once: ``mark`` is a zeroed scratch mask of the frame's shape, left dirty)."""
+def _disc_sums(frame, index, xs, ys, rads, cap, inband, lo_valid, hi_valid, nbins):
+    """Capped sums and counts per ring over the union of discs, each pixel
+    once. The discs come sorted by ``xs``; a pixel is counted by the first
+    disc (in that order) that holds it, so overlaps are found among the
+    neighbours in x without a frame-sized mask."""
     s = np.zeros(nbins, dtype=np.float64)
     c = np.zeros(nbins, dtype=np.float64)
     ny, nx = frame.shape
+    rmax = 0.0
+    for k in range(rads.shape[0]):
+        rmax = max(rmax, rads[k])
+    near = np.empty(xs.shape[0], dtype=np.int64)  # earlier discs that can overlap disc k
     for k in range(xs.shape[0]):
         x, y, r = xs[k], ys[k], rads[k]
         r2 = r * r
+        m = 0
+        q = k - 1
+        while q >= 0 and x - xs[q] <= r + rmax:
+            if abs(y - ys[q]) <= r + rads[q] and x - xs[q] <= r + rads[q]:
+                near[m] = q
+                m += 1
+            q -= 1
         for i in range(max(int(y - r), 0), min(int(y + r) + 2, ny)):
             for j in range(max(int(x - r), 0), min(int(x + r) + 2, nx)):
-                if (j - x) * (j - x) + (i - y) * (i - y) > r2 or mark[i, j]:
+                if (j - x) * (j - x) + (i - y) * (i - y) > r2:
                     continue
-                mark[i, j] = True
+                seen = False
+                for u in range(m):
+                    q = near[u]
+                    if (j - xs[q]) * (j - xs[q]) + (i - ys[q]) * (i - ys[q]) <= rads[q] * rads[q]:
+                        seen = True
+                        break
+                if seen:
+                    continue
                 b = index[i, j]
                 v = np.float64(frame[i, j])
                 if b >= nbins or not inband[b] or not (v >= lo_valid and v <= hi_valid):
