@@ -407,11 +407,13 @@ class ReliableChannel:
                 data = self.transport.read(timeout)
             except PortUnavailable as exc:
                 self.stats.last_error = str(exc)
-                self.stats.disconnects += 1
-                self.transport.close()
+                # not ready before the disconnect is counted: whoever sees the
+                # count must not find the dead link still ready and send on it
                 with self._cv:
                     self._link_up = self._ready = False
+                    self.stats.disconnects += 1
                     self._cv.notify_all()
+                self.transport.close()
                 continue
             if data:
                 for frame in self._decoder.feed(data):
