@@ -378,7 +378,7 @@ def cmd_run(args) -> int:
     dtypes = WARMUP_DTYPES if getattr(source, "dtype", None) is None else (source.dtype,)
     print(f"edge run: source {source!r}, warming up kernels for {', '.join(map(str, dtypes))} frames ...",
           file=sys.stderr)
-    with _interrupt_exits("edge run", cleanup=lambda: _remove(created)):  # nothing ran: leave no empty file
+    with _interrupt_exits("edge run", args, cleanup=lambda: _remove(created)):  # nothing ran: no empty file
         warmup(dtypes, features=model is not None, extras=False, progress=_warmup_progress("edge run"))
         if model is not None:  # one inference; not model.warmup(), which compiles features for every dtype
             import numpy as np
@@ -724,11 +724,19 @@ def _warmup_progress(prog: str):
     return progress
 
 
-_OWN_PROCESS = False  # set by main() when it runs as the process (not called from Python)
+def _exit_interrupted(prog: str) -> None:
+    """Print one line and leave with code 130 at once, without finalizers: a
+    Ctrl-C that landed inside LLVM leaves half-built compiler objects whose
+    finalizers print tracebacks at interpreter exit."""
+    with contextlib.suppress(Exception):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(130)
 
 
 @contextlib.contextmanager
-def _interrupt_exits(prog: str, cleanup=None):
+def _interrupt_exits(prog: str, args, cleanup=None):
     """Around kernel compilation: Ctrl-C prints one line and exits 130 at once.
 
     A KeyboardInterrupt raised while LLVM calls back into Python is swallowed
@@ -736,7 +744,7 @@ def _interrupt_exits(prog: str, cleanup=None):
     half-built objects that print tracebacks at exit; so when we are the
     process, the handler leaves directly. Called from Python (tests), Ctrl-C
     raises KeyboardInterrupt as usual."""
-    if not _OWN_PROCESS or threading.current_thread() is not threading.main_thread():
+    if not getattr(args, "own_process", False) or threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -744,11 +752,7 @@ def _interrupt_exits(prog: str, cleanup=None):
         if cleanup is not None:
             with contextlib.suppress(Exception):
                 cleanup()
-        with contextlib.suppress(Exception):
-            print(f"{prog}: interrupted", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(130)
+        _exit_interrupted(prog)
 
     old = signal.signal(signal.SIGINT, handler)
     try:
@@ -762,7 +766,6 @@ def _stop_on_signals(pipe):
     """SIGTERM (systemd stop) or a first Ctrl-C end the run cleanly: the
     pipeline finishes the frame in hand, waits for queued commands and writes
     the summary record. A second Ctrl-C interrupts at once."""
-    import signal
 
     def handler(signum, frame):
         if pipe.stop_reason is None:
@@ -806,7 +809,7 @@ def cmd_warmup(args) -> int:
             print(f"edge warmup: source {spec}: {exc}; preparing the usual frame dtypes", file=sys.stderr)
     dtypes = dtypes or list(WARMUP_DTYPES)
     t0 = time.perf_counter()
-    with _interrupt_exits("edge warmup"):
+    with _interrupt_exits("edge warmup", args):
         warmup(dtypes, features=use_model, extras=args.all, progress=_warmup_progress("edge warmup"))
     where = cache.cache_dir(os.path.dirname(os.path.abspath(__file__)))
     print(f"edge warmup: kernels for {', '.join(str(d) for d in dtypes)} frames ready in "
@@ -1032,23 +1035,17 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "site", None) and args.cmd in ("run", "warmup"):
         args.explicit = _explicit(argv, args.cmd)
-    global _OWN_PROCESS
-    _OWN_PROCESS = argv is None
+    args.own_process = argv is None  # the process itself, not called from Python
     if argv is None and threading.current_thread() is threading.main_thread():
         # Ctrl-C / SIGINT always ends a command, also when a parent started
         # us with SIGINT ignored (a shell's background job, nohup ... &)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # e.g. Ctrl-C during the kernel warm-up (a running loop handles its own)
+    except KeyboardInterrupt:  # e.g. Ctrl-C during a benchmark (a running loop handles its own)
+        if args.own_process:
+            _exit_interrupted(f"edge {args.cmd}")
         print(f"edge {args.cmd}: interrupted", file=sys.stderr)
-        if argv is None:
-            # A process of our own: a Ctrl-C that landed inside LLVM leaves
-            # half-built compiler objects whose finalizers print tracebacks at
-            # interpreter exit, so leave without running them.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
         return 130
 
 

@@ -713,6 +713,11 @@ def _sector_ice_search(acc, nb, line_off, shift, flank_in, flank_out):
 # ---------------------------------------------------------------------------
 # Per-geometry tables (cached on the Geometry instance)
 # ---------------------------------------------------------------------------
+def _tile_edges(n: int) -> np.ndarray:
+    """First index of each of the :data:`N_TILES` tiles along an axis of ``n`` pixels, and ``n``."""
+    return np.array([(k * n + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
+
+
 def _tables(geometry: Geometry, stats: RadialStats, row_step: int):
     key = ("anomaly_features", stats.bins.nbins, stats.bins.width, geometry.beam_center, int(row_step))
     tab = geometry._cache.get(key)
@@ -720,7 +725,7 @@ def _tables(geometry: Geometry, stats: RadialStats, row_step: int):
         radius = stats.bins.radius
         rbin = np.searchsorted(RADIAL_EDGES_PX, radius, side="right").astype(np.int64)
         ny, nx = geometry.shape
-        tile_col = np.array([(k * nx + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
+        tile_col = _tile_edges(nx)
         bx, by = geometry.beam_center
         seg, row_ptr = _row_segments(stats.bins.index, int(stats.bins.nbins), rbin, tile_col,
                                      float(bx), float(by), int(row_step))
@@ -853,7 +858,7 @@ def _rb_map(geometry: Geometry, stats: RadialStats) -> tuple[np.ndarray, np.ndar
         rb = (np.arange(nbins, dtype=np.int64) * N_NZ_RBINS) // max(nbins, 1)
         rbmap = np.where(idx < nbins, rb[np.minimum(idx, max(nbins - 1, 0))], 255).astype(np.uint8)
         nx = geometry.shape[1]
-        tile_col = np.array([(k * nx + N_TILES - 1) // N_TILES for k in range(N_TILES + 1)], dtype=np.int64)
+        tile_col = _tile_edges(nx)
         tab = (rbmap, tile_col)
         geometry._cache[key] = tab
     return tab
