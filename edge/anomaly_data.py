@@ -6,7 +6,7 @@ its feature vector (:func:`edge.features.frame_features`) with the labels.
 Everything is a pure function of the seed, so datasets are reproducible from
 seed ranges alone (see ``models/model_card.json``).
 
-Scenario recipe v5 (all draws from ``numpy.random.default_rng([seed, 0xA40])``):
+Scenario recipe v6 (all draws from ``numpy.random.default_rng([seed, 0xA40])``):
 
 * geometry: layout EIGER 1M (65 %), 4M (15 %), 9M (5 %), 16M (4 %) or
   PILATUS 6M (11 %, 172 um pixels, 12 x 5 modules; the large layouts are
@@ -50,7 +50,9 @@ Scenario recipe v5 (all draws from ``numpy.random.default_rng([seed, 0xA40])``):
   neither clearly weak diffraction nor blank); a blank frame whose scattered
   photons cannot be told from the dark counts (:func:`scatter_decidable`);
   a dead area that would have received fewer than :data:`MIN_LOST_COUNTS`
-  counts (a dead module on an empty frame reads 0 either way).
+  counts (a dead module on an empty frame reads 0 either way); a hot cluster
+  on fewer than :data:`MIN_HOT_CLUSTER_PX` valid pixels (in a module gap or
+  a dead module: not there to see).
 
 Labels ``no_beam`` / ``blank`` (physically decidable): ``no_beam`` = no
 photons from the beam (flux 0: dark counts, hot pixels and detector faults
@@ -110,6 +112,9 @@ MIN_SCATTER_PHOTONS = 1000.0
 SCATTER_MIN_Z = 10.0
 #: A dead area must have been expected to receive this many counts.
 MIN_LOST_COUNTS = 50.0
+#: A hot cluster must read on at least this many valid pixels (one inside a
+#: module gap or a dead module is not there to see).
+MIN_HOT_CLUSTER_PX = 32
 #: Frames with a crystal need at least this many visible Bragg spots
 #: (simulated truth: SNR >= VISIBLE_SNR on valid pixels); frames below it are
 #: neither clearly "weak diffraction" nor "blank" and are left out of the data.
@@ -300,6 +305,8 @@ def excluded(sf: SimFrame) -> bool:
             return True
         if not c.crystal and not scatter_decidable(sf):
             return True
+    if c.hot_cluster and sf.hot_cluster_px < MIN_HOT_CLUSTER_PX:
+        return True
     # lost counts are 0 without a dead area (hot stripes and chips lose nothing)
     dead = c.dead_modules or c.stripes or c.bad_asics
     return bool(dead and 0.0 < sf.fault_lost_counts < MIN_LOST_COUNTS)

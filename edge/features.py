@@ -890,13 +890,14 @@ def _signed_log(z: float) -> float:
 
 
 def _ice_ring_z(arr, geometry: Geometry, stats: RadialStats, peaks, lo_valid: float, hi_valid: float) -> list[float]:
-    """Full-resolution ice-ring evidence as five numbers: signed log1p of the
+    """Full-resolution ice-ring evidence (around the best-fitting ring centre,
+    :func:`edge.evidence.ice.centred_ring_profile`) as five numbers: signed log1p of the
     Poisson z of the three strongest lines and the largest of the weaker
     ones, and log2 of the largest contrast among lines with z >= 3 (0 if
     none or no line on the detector)."""
-    from .evidence.ice import ice_ring_evidence, ring_profile  # imports this module: not at the top
+    from .evidence.ice import centred_ring_profile, ice_ring_evidence  # imports this module: not at the top
 
-    mean, count = ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo_valid, hi_valid=hi_valid)
+    mean, count, _ = centred_ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo_valid, hi_valid=hi_valid)
     rings = {round(r["d_A"], 3): r for r in ice_ring_evidence(mean, count, geometry, bin_width=stats.bins.width)}
     z = [rings[round(float(d), 3)]["z"] if round(float(d), 3) in rings else 0.0 for d in ICE_LINES_A]
     weak = max(z[3:]) if len(z) > 3 else 0.0

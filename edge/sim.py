@@ -183,6 +183,9 @@ class SimFrame:
         Expected counts (background and spots) on the pixels that dead
         modules, dead readout bands and dead chips set to 0: how visible a
         dead-area fault is (near 0 on a nearly empty frame).
+    hot_cluster_px : int
+        Valid pixels the hot cluster reads on (0 without one; module gaps
+        and a dead module hide it).
     """
 
     frame: np.ndarray
@@ -191,6 +194,7 @@ class SimFrame:
     expected_background: np.ndarray = field(repr=False)
     config: SimConfig = field(repr=False, default_factory=SimConfig)
     fault_lost_counts: float = 0.0
+    hot_cluster_px: int = 0
 
 
 def spot_snr(intensity, background, sigma):
@@ -455,10 +459,12 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
             box = (slice(r0, r0 + pr), slice(c0, c0 + pc))
             dead_boxes.append(box)
             lost[0] += float(expected[box][valid[box]].sum())
+    cluster = None
     if cfg.hot_cluster:
         cy, cx = rng.integers(50, ny - 50), rng.integers(50, nx - 50)
         hy, hx = rng.integers(8, 30), rng.integers(8, 30)
-        counts[cy : cy + hy, cx : cx + hx] += rng.integers(200, 5000, size=(min(hy, ny - cy), min(hx, nx - cx)))
+        cluster = (slice(cy, cy + hy), slice(cx, cx + hx))
+        counts[cluster] += rng.integers(200, 5000, size=(min(hy, ny - cy), min(hx, nx - cx)))
     if cfg.stripes or cfg.bad_asics:
         _readout_faults(cfg, counts, bg, rng_x, expected=expected, valid=valid, lost=lost)
     flat = counts.reshape(-1)
@@ -471,6 +477,7 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         flat[rng_x.choice(vidx, cfg.hot_saturated, replace=False)] = cfg.saturation
     for box in dead_boxes:  # a dead module reads 0, hot pixels included
         counts[box] = 0
+    hot_cluster_px = int(np.count_nonzero(valid[cluster] & (counts[cluster] > 0))) if cluster else 0
     np.minimum(counts, cfg.saturation, out=counts)
 
     bad = np.zeros(ny * nx, dtype=bool)
@@ -494,7 +501,7 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
         if len(xs) else np.zeros(0, bool),
     }
     del mask
-    return SimFrame(frame, geom, truth, bg, cfg, fault_lost_counts=lost[0])
+    return SimFrame(frame, geom, truth, bg, cfg, fault_lost_counts=lost[0], hot_cluster_px=hot_cluster_px)
 
 
 def _readout_faults(cfg: SimConfig, counts: np.ndarray, bg: np.ndarray, rng, *, expected, valid, lost) -> None:

@@ -434,7 +434,7 @@ def _capped_reference(values, rings, cap, lo, hi, nbins):
        seed=st.integers(0, 2**31 - 1), unsigned=st.booleans())
 def test_capped_ring_sums_match_numpy(ny, nx, nbins, step, seed, unsigned):
     from edge.background import INVALID_BIN
-    from edge.evidence.ice import _capped_sums_flat, _capped_sums_rows
+    from edge.evidence.ice import _capped_sector_sums, _capped_sums_rows
 
     rng = np.random.default_rng(seed)
     if unsigned:
@@ -453,10 +453,18 @@ def test_capped_ring_sums_match_numpy(ny, nx, nbins, step, seed, unsigned):
     np.testing.assert_array_equal(c, wc)
     flat = rng.choice(ny * nx, size=rng.integers(0, ny * nx + 1), replace=False).astype(np.int64)
     ring = index.ravel()[flat].astype(np.int32)
-    s, c = _capped_sums_flat(frame.ravel(), flat, ring, cap, lo, hi, nbins)
-    ws, wc = _capped_reference(frame.ravel()[flat], ring, cap, lo, hi, nbins)
-    np.testing.assert_allclose(s, ws)
-    np.testing.assert_array_equal(c, wc)
+    nsect = int(rng.integers(1, 5))
+    sect = rng.integers(0, nsect, len(flat)).astype(np.uint8)
+    b0 = int(rng.integers(0, nbins))
+    nb = int(rng.integers(0, nbins - b0 + 1))
+    s, c = _capped_sector_sums(frame.ravel(), flat, ring, sect, cap, lo, hi, b0, nb, nsect)
+    assert s.shape == c.shape == (nsect, nb)
+    for q in range(nsect):
+        k = sect == q
+        # rings outside b0..b0+nb-1 are left out
+        ws, wc = _capped_reference(frame.ravel()[flat[k]], ring[k], cap, lo, hi, nbins)
+        np.testing.assert_allclose(s[q], ws[b0 : b0 + nb])
+        np.testing.assert_array_equal(c[q], wc[b0 : b0 + nb])
 
 
 def test_ice_evidence_on_a_synthetic_profile():
@@ -479,11 +487,17 @@ def test_ice_evidence_on_a_synthetic_profile():
     assert not rings[3.669]["found"] and abs(rings[3.669]["z"]) < 1.0  # no excess there
 
 
+def _sector_reference(dx, dy, nsect):
+    k = ((np.arctan2(dy, dx) + np.pi) * (nsect / (2.0 * np.pi))).astype(np.int64)
+    return np.clip(k, 0, nsect - 1)
+
+
 @settings(deadline=None, max_examples=60)
 @given(ny=st.integers(1, 15), nx=st.integers(1, 15), nbins=st.integers(1, 6), n_discs=st.integers(0, 8),
-       seed=st.integers(0, 2**31 - 1))
-def test_disc_sums_match_numpy(ny, nx, nbins, n_discs, seed):
-    """Capped sums over the union of discs (overlaps counted once), in-band rings only."""
+       nsect=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
+def test_disc_sums_match_numpy(ny, nx, nbins, n_discs, nsect, seed):
+    """Capped sums per (sector, ring) over the union of discs (overlaps
+    counted once), in-band rings of the span only."""
     from edge.background import INVALID_BIN
     from edge.evidence.ice import _disc_sums
 
@@ -495,14 +509,152 @@ def test_disc_sums_match_numpy(ny, nx, nbins, n_discs, seed):
     inband = rng.random(nbins) < 0.7
     xs, ys = rng.uniform(-2, nx + 2, n_discs), rng.uniform(-2, ny + 2, n_discs)
     rads = rng.uniform(0.0, 5.0, n_discs)
+    bx, by = rng.uniform(-3, nx + 3), rng.uniform(-3, ny + 3)
+    b0 = int(rng.integers(0, nbins))
+    nb = int(rng.integers(1, nbins - b0 + 1))
     o = np.argsort(xs, kind="stable")  # the kernel takes the discs sorted by x
-    s, c = _disc_sums(frame, index, xs[o], ys[o], rads[o], cap, inband, 0.0, 1.0e300, nbins)
+    s, c = _disc_sums(frame, index, xs[o], ys[o], rads[o], cap, inband, 0.0, 1.0e300, b0, nb, bx, by, nsect)
     yy, xx = np.mgrid[:ny, :nx]
     union = np.zeros((ny, nx), bool)
     for x, y, r in zip(xs, ys, rads):
         union |= (xx - x) ** 2 + (yy - y) ** 2 <= r * r
     sel = union & (index < nbins)
     sel[sel] = inband[index[sel]]
-    ws, wc = _capped_reference(frame[sel], index[sel], cap, 0.0, 1.0e300, nbins)
-    np.testing.assert_allclose(s, ws)
-    np.testing.assert_array_equal(c, wc)
+    sect = _sector_reference(xx - bx, yy - by, nsect)
+    for q in range(nsect):
+        k = sel & (sect == q)
+        ws, wc = _capped_reference(frame[k], index[k], cap, 0.0, 1.0e300, nbins)
+        np.testing.assert_allclose(s[q], ws[b0 : b0 + nb])
+        np.testing.assert_array_equal(c[q], wc[b0 : b0 + nb])
+
+
+@settings(deadline=None, max_examples=40)
+@given(n=st.integers(0, 200), nx=st.integers(1, 40), nsect=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
+def test_sectors_match_numpy(n, nx, nsect, seed):
+    from edge.evidence.ice import _sectors_of
+
+    rng = np.random.default_rng(seed)
+    flat = rng.integers(0, 40 * nx, n).astype(np.int64)
+    bx, by = rng.uniform(-5, nx + 5), rng.uniform(-5, 45)
+    i, j = flat // nx, flat % nx
+    np.testing.assert_array_equal(_sectors_of(flat, nx, bx, by, nsect), _sector_reference(j - bx, i - by, nsect))
+
+
+def _shifts_reference(ox, oy, nsect, width):
+    th = -np.pi + (np.arange(nsect) + 0.5) * (2.0 * np.pi / nsect)
+    return np.array([int(round(v)) for v in (ox * np.cos(th) + oy * np.sin(th)) / width], dtype=np.int64)
+
+
+@settings(deadline=None, max_examples=40)
+@given(nsect=st.integers(1, 33), nb=st.integers(1, 60), ox=st.floats(-15, 15), oy=st.floats(-15, 15),
+       width=st.sampled_from([1.0, 2.0]), seed=st.integers(0, 2**31 - 1))
+def test_shifted_sum_matches_numpy(nsect, nb, ox, oy, width, seed):
+    """Ring k of the re-centred sum = ring k + shift(q) of every sector q."""
+    from edge.evidence.ice import _shifted_sum
+
+    rng = np.random.default_rng(seed)
+    s = rng.random((nsect, nb))
+    c = rng.integers(0, 9, (nsect, nb)).astype(np.float64)
+    got_s, got_c = _shifted_sum(s, c, 0, width, ox, oy)
+    ws, wc = np.zeros(nb), np.zeros(nb)
+    for q, t in enumerate(_shifts_reference(ox, oy, nsect, width)):
+        for k in range(nb):
+            if 0 <= k + t < nb:
+                ws[k] += s[q, k + t]
+                wc[k] += c[q, k + t]
+    np.testing.assert_allclose(got_s, ws)
+    np.testing.assert_array_equal(got_c, wc)
+
+
+def _lines_score_reference(s, c, shifts, b0, width, lines, half, flank, gap):
+    """Plain-NumPy score: per line, window and flank sums over every sector at its shift."""
+    nsect, nb = s.shape
+    k = np.arange(nb)
+    tot, nl = 0.0, 0
+    for r, w, f in zip(lines / width - b0, half / width, flank / width):
+        g = gap / width
+        sw = nw = sf = nf = 0.0
+        for q in range(nsect):
+            kk = k - shifts[q]  # ring number in the re-centred frame
+            win = (kk >= math.ceil(r - w - 0.5)) & (kk <= math.floor(r + w - 0.5))
+            fl = (((kk >= math.ceil(r - w - g - f - 0.5)) & (kk < math.ceil(r - w - g - 0.5)))
+                  | ((kk > math.floor(r + w + g - 0.5)) & (kk <= math.floor(r + w + g + f - 0.5))))
+            sw += s[q, win].sum()
+            nw += c[q, win].sum()
+            sf += s[q, fl].sum()
+            nf += c[q, fl].sum()
+        if nw < 8 or nf < 16:
+            continue
+        mu = max(sf / nf, 1e-3)
+        tot += (sw - nw * mu) / math.sqrt(nw * mu * (1 + nw / nf))
+        nl += 1
+    return tot / math.sqrt(nl) if nl else 0.0
+
+
+@settings(deadline=None, max_examples=40)
+@given(nsect=st.integers(1, 12), nb=st.integers(20, 120), seed=st.integers(0, 2**31 - 1))
+def test_lines_score_matches_numpy(nsect, nb, seed):
+    from edge.evidence.ice import _lines_score
+
+    rng = np.random.default_rng(seed)
+    s = rng.poisson(3.0, (nsect, nb)).astype(np.float64)
+    c = rng.integers(0, 5, (nsect, nb)).astype(np.float64)
+    s *= c > 0
+    cs = np.concatenate([np.zeros((nsect, 1)), np.cumsum(s, axis=1)], axis=1)
+    cc = np.concatenate([np.zeros((nsect, 1)), np.cumsum(c, axis=1)], axis=1)
+    shifts = rng.integers(-6, 7, nsect).astype(np.int64)
+    b0 = int(rng.integers(0, 20))
+    width = float(rng.choice([1.0, 2.0]))
+    lines = rng.uniform(b0 * width, (b0 + nb) * width, int(rng.integers(1, 4)))
+    half = rng.uniform(3.0, 6.0, len(lines))
+    flank = rng.uniform(8.0, 12.0, len(lines))
+    got = _lines_score(cs, cc, shifts, float(b0), width, lines, half, flank, 2.0)
+    want = _lines_score_reference(s, c, shifts, b0, width, lines, half, flank, 2.0)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@settings(deadline=None, max_examples=25)
+@given(ox=st.integers(-8, 8), oy=st.integers(-8, 8), seed=st.integers(0, 2**31 - 1))
+def test_centre_search_finds_a_ring_centre(ox, oy, seed):
+    """Sector profiles of rings drawn around a centre (ox, oy) px from the
+    believed one: the search returns that centre (to 1 px); the NumPy score
+    agrees that no grid point does better."""
+    from edge.evidence.ice import _centre_search
+
+    rng = np.random.default_rng(seed)
+    nsect, nb = 32, 400
+    lines = np.array([150.0, 200.0, 260.0])
+    r = np.arange(nb) + 0.5
+    th = -np.pi + (np.arange(nsect) + 0.5) * (2 * np.pi / nsect)
+    c = np.full((nsect, nb), 40.0)
+    mu = np.zeros((nsect, nb))
+    for q in range(nsect):
+        rr = r - (ox * np.cos(th[q]) + oy * np.sin(th[q]))  # radius about the ring centre
+        mu[q] = 2.0 + sum(1.5 * np.exp(-0.5 * ((rr - L) / 1.0) ** 2) for L in lines)
+    s = rng.poisson(mu * c).astype(np.float64)
+    half, flank = np.full(3, 3.0), np.full(3, 8.0)
+    got = _centre_search(s, c, 0.0, 1.0, lines, half, flank, 2.0, 12.0, 2.0, 2.0, 5.0)
+    assert abs(got[0] - ox) <= 1.0 and abs(got[1] - oy) <= 1.0, (got, ox, oy)
+    cs = np.concatenate([np.zeros((nsect, 1)), np.cumsum(s, axis=1)], axis=1)
+    cc = np.concatenate([np.zeros((nsect, 1)), np.cumsum(c, axis=1)], axis=1)
+    best = _lines_score_reference(s, c, _shifts_reference(*got, nsect, 1.0), 0, 1.0, lines, half, flank, 2.0)
+    for gx in range(-12, 13, 2):
+        for gy in range(-12, 13, 2):
+            if gx * gx + gy * gy <= 144:
+                v = _lines_score_reference(s, c, _shifts_reference(gx, gy, nsect, 1.0), 0, 1.0, lines, half, flank, 2.0)
+                assert v <= best + 1e-9
+
+
+def test_centre_search_keeps_the_believed_centre_on_noise():
+    """Flat Poisson noise: no centre fits ice lines, the believed one is kept."""
+    from edge.evidence.ice import _centre_search
+
+    rng = np.random.default_rng(7)
+    kept = 0
+    for _ in range(20):
+        c = np.full((32, 400), 40.0)
+        s = rng.poisson(2.0 * c).astype(np.float64)
+        got = _centre_search(s, c, 0.0, 1.0, np.array([150.0, 200.0, 260.0]), np.full(3, 3.0), np.full(3, 8.0),
+                             2.0, 12.0, 2.0, 2.0, 5.0)
+        kept += got == (0.0, 0.0)
+    assert kept == 20

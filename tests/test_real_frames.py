@@ -125,8 +125,10 @@ def test_real_blank_evidence(results):
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_no_ice_ring_on_real_frames(frames, key):
     """On every real frame (none holds ice), no ice line stands out of its
-    background, even with the full-resolution profile."""
-    from edge.evidence.ice import ring_profile
+    background, even with the full-resolution profile, around the believed
+    centre or re-centred (the search keeps the believed centre: no centre
+    fits ice lines that are not there)."""
+    from edge.evidence.ice import centred_ring_profile, ring_profile
 
     frame, geom = frames[key]
     stats = radial_stats(frame, geometry=geom)
@@ -136,6 +138,10 @@ def test_no_ice_ring_on_real_frames(frames, key):
     assert len(rings) == 6
     assert not any(r["found"] for r in rings), rings
     assert max(abs(r["z"]) for r in rings) < 4.0, rings
+    cmean, ccount, offset = centred_ring_profile(frame, geom, stats, peaks=peaks)
+    assert offset == (0.0, 0.0)
+    np.testing.assert_allclose(cmean, mean)
+    np.testing.assert_array_equal(ccount, count)
 
 
 def test_beam_offset_cannot_be_judged_on_a_sparse_frame(frames):
@@ -166,16 +172,19 @@ def _thin(frame, fraction, seed):
     return np.where(frame >= 0, rng.binomial(np.maximum(frame, 0), fraction), frame).astype(frame.dtype)
 
 
-def _add_ice(frame, geom, peak_ratio, seed, width_px=1.5):
+def _add_ice(frame, geom, peak_ratio, seed, width_px=1.5, centre_offset=(0.0, 0.0)):
     """Add Poisson ice Ih ring counts: the strongest line peaks at
     ``peak_ratio`` x the frame's own azimuthal background there, the other
-    lines at their powder intensities relative to it."""
+    lines at their powder intensities relative to it; the rings are centred
+    ``centre_offset`` (dx, dy) px from the believed beam centre."""
     rng = np.random.default_rng(seed)
     stats = radial_stats(frame, geometry=geom)
     mean, count = sampled_profile(frame, stats, row_step=1)
     ok = count > 0
-    r = geom.radius.astype(np.float32)
-    bg = np.interp(r, stats.radius[ok], mean[ok]).astype(np.float32)
+    bg = np.interp(geom.radius.astype(np.float32), stats.radius[ok], mean[ok]).astype(np.float32)
+    yy, xx = np.mgrid[: frame.shape[0], : frame.shape[1]]
+    bx, by = geom.beam_center
+    r = np.hypot(xx - (bx + centre_offset[0]), yy - (by + centre_offset[1])).astype(np.float32)
     shape = np.zeros_like(r)
     for d, rel in zip(ICE_D_SPACINGS, ICE_REL_INTENSITY):
         shape += np.float32(rel) * np.exp(-0.5 * ((r - np.float32(geom.radius_for_d(d))) / np.float32(width_px)) ** 2)
@@ -233,6 +242,35 @@ def test_gate_raises_faint_ice_on_a_sparse_real_blank_without_a_proposal(frames)
     assert "ice_rings" in a.flags, a.summary()
     ev = a.evidence["ice_rings"]
     assert ev["profile"] == "full" and 3.897 in ev["found_d_A"]
+
+
+def test_faint_sharp_ice_around_a_beam_off_the_believed_centre(low_blank):
+    """A faint sharp ring (2x the low background, 1 px wide) around a beam
+    8.6 px off the believed centre is smeared over +-9 px in the azimuthal
+    profile and no line is found there; re-centring the sector profiles finds
+    the ring centre and the lines, and the evidence alone raises
+    ``ice_rings`` (no model proposal) with the measured centre offset."""
+    from edge.anomaly_data import CLASSES
+    from edge.evidence.ice import centred_ring_profile, ring_profile
+    from edge.features import frame_features
+
+    frame, geom = low_blank
+    iced = _add_ice(frame, geom, 2.0, seed=8, width_px=1.0, centre_offset=(7.0, -5.0))
+    stats = radial_stats(iced, geometry=geom)
+    peaks = find_peaks(iced, geometry=geom, stats=stats)
+    believed = {r["d_A"]: r for r in ice_ring_evidence(*ring_profile(iced, geom, stats, peaks=peaks), geom)}
+    assert not believed[3.897]["found"], believed[3.897]
+    mean, count, off = centred_ring_profile(iced, geom, stats, peaks=peaks)
+    # the score is flat within the ring window (+-3 px): the centre is found to ~2 px
+    assert abs(off[0] - 7.0) <= 2.5 and abs(off[1] + 5.0) <= 2.5, off
+    centred = {r["d_A"]: r for r in ice_ring_evidence(mean, count, geom)}
+    assert centred[3.897]["found"] and centred[3.897]["z"] >= 2 * max(believed[3.897]["z"], 3.0), centred[3.897]
+    f = frame_features(iced, geom, stats=stats, peaks=peaks)
+    a = EvidenceGate()({c: 0.0 for c in CLASSES}, (), iced, geom, stats=stats, peaks=peaks, features=f)
+    assert "ice_rings" in a.flags, a.summary()
+    ev = a.evidence["ice_rings"]
+    assert 3.897 in ev["found_d_A"] and ev["ring_centre_offset_px"] == [round(v, 1) for v in off]
+    assert f"ring centre ({off[0]:+.0f}, {off[1]:+.0f}) px from the believed beam centre" in a.summary()
 
 
 def test_ice_on_real_blank(model, frames):

@@ -12,7 +12,7 @@ from ..features import FEATURE_NAMES
 from ..geometry import Geometry
 from .beam import beam_state, offset_evidence
 from .detector import fault_evidence, saturation_evidence
-from .ice import ice_ring_evidence, ice_verdict, ring_profile, sampled_profile
+from .ice import centred_ring_profile, ice_ring_evidence, ice_verdict, sampled_profile
 
 __all__ = ["Assessment", "EvidenceGate", "MISSING"]
 
@@ -90,7 +90,9 @@ def _why(cls: str, ev: dict) -> str:
                 *ev["sector_significance_2nd_median"])
         if not found:
             return "no ring above background" if ev.get("rings") else "no ice line on the detector"
-        return "rings at " + ", ".join(f"{r['d_A']:.2f} A (x{r['contrast']:.2f}, z {r['z']:.0f})" for r in found)
+        txt = "rings at " + ", ".join(f"{r['d_A']:.2f} A (x{r['contrast']:.2f}, z {r['z']:.0f})" for r in found)
+        dx, dy = ev.get("ring_centre_offset_px", (0.0, 0.0))
+        return txt + (f", ring centre ({dx:+.0f}, {dy:+.0f}) px from the believed beam centre" if dx or dy else "")
     if cls in ("blank", "no_beam"):
         verdict = "" if ev.get("verdict") == cls else f"{ev.get('verdict')}: "
         return (f"{verdict}{ev.get('clear_peaks')} clear peaks, background "
@@ -114,8 +116,10 @@ class EvidenceGate:
 
     Rules (documented in ``models/README.md``):
 
-    * ``ice_rings`` needs at least one ice line found (:mod:`.ice`) or,
-      for rings smeared by a centre error, the features' shift-tolerant
+    * ``ice_rings`` needs at least one ice line found (:mod:`.ice`; in the
+      full profile around the best-fitting ring centre within 12 px of the
+      believed one, :func:`.ice.centred_ring_profile`) or,
+      for rings smeared by a larger centre error, the features' shift-tolerant
       sector search at significance >= 9 in most sectors; the
       3.90 A line clearly found with another strong line agreeing raise it
       even when the model did not propose it (:func:`.ice.ice_verdict`);
@@ -181,11 +185,11 @@ class EvidenceGate:
         suspect = suspect or any(float(np.expm1(features[k])) >= _SUSPECT_Z for k in _ICE_RING_Z)
         if "ice_rings" in proposed or suspect:
             arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
-            mean, count = ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)
+            mean, count, centre = centred_ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)
             ice = ice_ring_evidence(mean, count, geometry, bin_width=stats.bins.width)
             profile = "full"
         else:
-            profile = "sampled"
+            profile, centre = "sampled", (0.0, 0.0)
         found = [r for r in ice if r["found"]]
         confirms, raises = ice_verdict(ice)
         # rings around a beam a few px off the believed centre are smeared in
@@ -195,6 +199,7 @@ class EvidenceGate:
         shifted = min(sector) >= _ICE_SECTOR_SIG and "ice_rings" in proposed
         ice_ev = {"verdict": "rings" if (confirms or raises or shifted) else ("none" if ice else "cannot_judge"),
                   "profile": profile, "found_d_A": [r["d_A"] for r in found],
+                  "ring_centre_offset_px": [round(v, 1) for v in centre],
                   "sector_significance_2nd_median": [round(v, 2) for v in sector],
                   "rings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in ice]}
         confirms = confirms or shifted

@@ -13,10 +13,15 @@ full-resolution profile of the ring bands only (each pixel capped at a
 Poisson-improbable level and the pixels of found peaks left out, so Bragg
 spots cannot fake a ring). At low background
 (0.1-1 counts/pixel) the clipped means lose most of a faint ring, the full
-profile does not.
+profile does not. The full profile is summed per azimuthal sector, so it can
+be re-centred on the ring centre that fits the ice lines best
+(:func:`centred_ring_profile`): a beam a few px off the believed centre
+smears a sharp ring in the plain azimuthal profile.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit
@@ -25,8 +30,8 @@ from ..background import RadialStats
 from ..geometry import Geometry
 from ..sim import ICE_D_SPACINGS
 
-__all__ = ["ICE_LINES_A", "ice_verdict", "warmup", "RING_Z_MIN", "RING_CONTRAST_MIN", "poisson_cap", "ring_profile", "sampled_profile",
-           "ice_ring_evidence"]
+__all__ = ["ICE_LINES_A", "ice_verdict", "warmup", "RING_Z_MIN", "RING_CONTRAST_MIN", "poisson_cap", "ring_profile",
+           "ring_sector_sums", "centred_ring_profile", "sampled_profile", "ice_ring_evidence"]
 
 #: Ice Ih lines examined (A): the six strongest that stand apart; 1.95-1.88 A
 #: are a close triplet and 1.72 A is weak.
@@ -48,6 +53,22 @@ SUPPORT_Z, SUPPORT_CONTRAST = 3.0, 1.03
 _PEAK_DISC_MAX = 20.0
 #: Gap (px) between the ring window and its flanks.
 _GAP_PX = 2.0
+#: Azimuthal sectors of the full-resolution profile (11.25 degrees each): a
+#: ring around a beam d px off the believed centre is smeared by only
+#: ~0.1 d within a sector, so re-centring the sectors recovers it.
+RING_SECTORS = 32
+#: The ring centre is searched within this many px of the believed beam
+#: centre (normal frames: the beam within ~10 px of it; larger offsets are
+#: ``beam_off_center``, found by other evidence) ...
+CENTRE_SEARCH_PX = 12
+#: ... on a grid of this step (px), then on a 1 px grid +-2 px around the best point.
+CENTRE_STEP_PX = 2
+#: A re-centred profile replaces the believed centre's only when its summed
+#: z of the three strongest lines (over sqrt 3) is higher by at least this
+#: (the search tries ~180 centres: noise alone gains ~1.5).
+CENTRE_MIN_GAIN = 2.0
+#: ... and reaches this score itself (noise alone stays below ~3.5).
+CENTRE_MIN_SCORE = 5.0
 
 
 def _windows(r: float) -> tuple[float, float]:
@@ -62,40 +83,67 @@ def _band_reach(geometry: Geometry) -> list[tuple[float, float]]:
     for r in np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64):
         if np.isfinite(r):
             w, f = _windows(r)
-            out.append((r - w - _GAP_PX - f - 1.0, r + w + _GAP_PX + f + 1.0))
+            m = w + _GAP_PX + f + 1.0 + CENTRE_SEARCH_PX + 1.0  # flanks of a re-centred ring
+            out.append((r - m, r + m))
     return out
 
 
-def _band_table(geometry: Geometry, stats: RadialStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat pixel indices and ring numbers of the ice bands (cached per geometry)."""
-    key = ("ice_evidence_bands", stats.bins.nbins, stats.bins.width, geometry.beam_center)
+def _band_table(geometry: Geometry, stats: RadialStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Flat pixel indices, ring numbers and azimuthal sectors of the ice-band
+    pixels, valid pixels per ring, and the span ``b0, nb`` of rings the
+    bands cover (cached per geometry)."""
+    key = ("ice_evidence_bands", stats.bins.nbins, stats.bins.width, geometry.beam_center, RING_SECTORS)
     tab = geometry._cache.get(key)
     if tab is None:
         width = stats.bins.width
         keep = np.zeros(stats.bins.nbins + 1, dtype=bool)
         for lo, hi in _band_reach(geometry):
-            keep[int(max(lo / width, 0)):int(min(hi / width + 1, stats.bins.nbins))] = True
+            keep[int(max(lo / width, 0)):int(max(min(hi / width + 1, stats.bins.nbins), 0))] = True
         idx = stats.bins.index.ravel()
         flat = np.flatnonzero(keep[np.minimum(idx, stats.bins.nbins)])
         ring = idx[flat].astype(np.int32)
         n_pix = np.bincount(ring, minlength=stats.bins.nbins).astype(np.float64)
-        tab = (flat, ring, n_pix)
+        bx, by = geometry.beam_center
+        sect = _sectors_of(flat, int(geometry.shape[1]), float(bx), float(by), RING_SECTORS)
+        used = np.flatnonzero(keep[: stats.bins.nbins])
+        b0, nb = (int(used[0]), int(used[-1] - used[0] + 1)) if len(used) else (0, 0)
+        tab = (flat, ring, sect, n_pix, b0, nb)
         geometry._cache[key] = tab
     return tab
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sector_of(dx, dy, nsect):
+    """Azimuthal sector 0..nsect-1 of direction (dx, dy): equal angles from -pi (the -x axis) counter-clockwise."""
+    k = int((math.atan2(dy, dx) + math.pi) * (nsect / (2.0 * math.pi)))
+    return min(max(k, 0), nsect - 1)
+
+
 @njit(cache=True, nogil=True)
-def _capped_sums_flat(frame_flat, flat, ring, cap, lo_valid, hi_valid, nbins):
-    """Per-ring sums of ``min(value, cap[ring])`` and valid-pixel counts over listed pixels."""
-    s = np.zeros(nbins, dtype=np.float64)
-    c = np.zeros(nbins, dtype=np.float64)
+def _sectors_of(flat, nx, bx, by, nsect):
+    """Sector (uint8) of each listed pixel (flat index ``i * nx + j``) around (bx, by)."""
+    out = np.empty(flat.shape[0], dtype=np.uint8)
+    for k in range(flat.shape[0]):
+        i = flat[k] // nx
+        j = flat[k] - i * nx
+        out[k] = _sector_of(j - bx, i - by, nsect)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _capped_sector_sums(frame_flat, flat, ring, sect, cap, lo_valid, hi_valid, b0, nb, nsect):
+    """Per (sector, ring ``b0 + k``) sums of ``min(value, cap[ring])`` and
+    valid-pixel counts over the listed pixels; shape (nsect, nb) each."""
+    s = np.zeros((nsect, nb), dtype=np.float64)
+    c = np.zeros((nsect, nb), dtype=np.float64)
     for k in range(flat.shape[0]):
         v = np.float64(frame_flat[flat[k]])
-        b = ring[k]
-        if b >= nbins or not (v >= lo_valid and v <= hi_valid):
+        b = ring[k] - b0
+        if b < 0 or b >= nb or not (v >= lo_valid and v <= hi_valid):
             continue
-        s[b] += min(v, cap[b])
-        c[b] += 1.0
+        q = sect[k]
+        s[q, b] += min(v, cap[ring[k]])
+        c[q, b] += 1.0
     return s, c
 
 
@@ -130,9 +178,9 @@ def _means(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(c > 0, s / np.maximum(c, 1.0), 0.0), c
 
 
-def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, peaks=None,
-                 lo_valid: float = 0.0, hi_valid: float = 1.0e300) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution ring-mean profile over the ice bands only.
+def ring_sector_sums(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, peaks=None,
+                     lo_valid: float = 0.0, hi_valid: float = 1.0e300) -> tuple[np.ndarray, np.ndarray, int]:
+    """Full-resolution capped sums over the ice bands, per azimuthal sector and ring.
 
     Parameters
     ----------
@@ -149,25 +197,186 @@ def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, p
 
     Returns
     -------
+    sums, counts : ndarray of float64, shape (RING_SECTORS, nb)
+        Summed counts (each pixel capped, :func:`poisson_cap`) and valid
+        pixels per sector (:data:`RING_SECTORS` equal angles counter-clockwise
+        from the -x axis around the believed beam centre) and ring ``b0 + k``.
+    b0 : int
+        First ring of the span the bands cover.
+    """
+    flat, ring, sect, n_pix, b0, nb = _band_table(geometry, stats)
+    cap = poisson_cap(stats)
+    fr = np.ascontiguousarray(frame).reshape(-1)
+    s, c = _capped_sector_sums(fr, flat, ring, sect, cap, float(lo_valid), float(hi_valid), b0, nb, RING_SECTORS)
+    if peaks is not None and len(peaks) and nb:
+        x, y, rad = _peak_discs(peaks, geometry)
+        if len(x):
+            nbins = int(stats.bins.nbins)
+            inband = n_pix[:nbins] > 0  # only rings the band sums cover
+            o = np.argsort(x, kind="stable")
+            bx, by = geometry.beam_center
+            s2, c2 = _disc_sums(frame, stats.bins.index, np.ascontiguousarray(x[o]), np.ascontiguousarray(y[o]),
+                                np.ascontiguousarray(rad[o]), cap, inband, float(lo_valid), float(hi_valid),
+                                b0, nb, float(bx), float(by), RING_SECTORS)
+            s -= s2
+            c -= c2
+    return s, c, b0
+
+
+def _full_profile(s: np.ndarray, c: np.ndarray, b0: int, nbins: int) -> tuple[np.ndarray, np.ndarray]:
+    fs = np.zeros(nbins, dtype=np.float64)
+    fc = np.zeros(nbins, dtype=np.float64)
+    fs[b0 : b0 + len(s)] = s
+    fc[b0 : b0 + len(c)] = c
+    return _means(fs, fc)
+
+
+def ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, peaks=None,
+                 lo_valid: float = 0.0, hi_valid: float = 1.0e300) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution ring-mean profile over the ice bands only, around the believed beam centre.
+
+    Parameters as :func:`ring_sector_sums`.
+
+    Returns
+    -------
     mean, count : ndarray of float64, shape (nbins,)
         Mean counts per pixel (each pixel capped, :func:`poisson_cap`) and
         valid pixels per ring; 0 outside the ice bands.
     """
-    flat, ring, n_pix = _band_table(geometry, stats)
-    cap = poisson_cap(stats)
-    nb = int(stats.bins.nbins)
-    fr = np.ascontiguousarray(frame).reshape(-1)
-    s, c = _capped_sums_flat(fr, flat, ring, cap, float(lo_valid), float(hi_valid), nb)
-    if peaks is not None and len(peaks):
-        x, y, rad = _peak_discs(peaks, geometry)
-        if len(x):
-            inband = n_pix[:nb] > 0  # only rings the band sums cover
-            o = np.argsort(x, kind="stable")
-            s2, c2 = _disc_sums(frame, stats.bins.index, np.ascontiguousarray(x[o]), np.ascontiguousarray(y[o]),
-                                np.ascontiguousarray(rad[o]), cap, inband, float(lo_valid), float(hi_valid), nb)
-            s -= s2
-            c -= c2
-    return _means(s, c)
+    s, c, b0 = ring_sector_sums(frame, geometry, stats, peaks=peaks, lo_valid=lo_valid, hi_valid=hi_valid)
+    return _full_profile(s.sum(axis=0), c.sum(axis=0), b0, int(stats.bins.nbins))
+
+
+def centred_ring_profile(frame: np.ndarray, geometry: Geometry, stats: RadialStats, *, peaks=None,
+                         lo_valid: float = 0.0, hi_valid: float = 1.0e300,
+                         search_px: float = CENTRE_SEARCH_PX) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """:func:`ring_profile` around the ring centre that best fits the ice lines.
+
+    A beam a few px off the believed centre smears every ring in the
+    azimuthal profile over +-offset px, so a sharp faint ring disappears. The
+    sector profiles (:func:`ring_sector_sums`) are shifted by the offset's
+    projection on each sector's direction and summed, for offsets on a grid
+    within ``search_px`` of the believed centre (step
+    :data:`CENTRE_STEP_PX`, then a 1 px grid +-2 px around the best point); the offset
+    whose three strongest ice lines have the largest summed Poisson z wins
+    if it beats the believed centre by :data:`CENTRE_MIN_GAIN` and reaches
+    :data:`CENTRE_MIN_SCORE` (the search tries ~180 centres, and noise alone
+    would pick one).
+
+    Returns
+    -------
+    mean, count : ndarray of float64, shape (nbins,)
+        As :func:`ring_profile`, around the chosen centre.
+    offset : (dx, dy)
+        Chosen ring centre minus believed beam centre (px; (0, 0) when the
+        believed centre is kept).
+    """
+    s, c, b0 = ring_sector_sums(frame, geometry, stats, peaks=peaks, lo_valid=lo_valid, hi_valid=hi_valid)
+    nbins = int(stats.bins.nbins)
+    width = float(stats.bins.width)
+    lines = np.asarray(geometry.radius_for_d(STRONG_LINES_A), dtype=np.float64)
+    lines = lines[np.isfinite(lines)]
+    if not s.shape[1] or not len(lines) or search_px <= 0:
+        return (*_full_profile(s.sum(axis=0), c.sum(axis=0), b0, nbins), (0.0, 0.0))
+    win = np.array([_windows(r) for r in lines], dtype=np.float64)
+    ox, oy = _centre_search(s, c, float(b0), width, lines, win[:, 0], win[:, 1], _GAP_PX, float(search_px),
+                            float(CENTRE_STEP_PX), float(CENTRE_MIN_GAIN), float(CENTRE_MIN_SCORE))
+    ss, cc = _shifted_sum(s, c, b0, width, ox, oy)
+    return (*_full_profile(ss, cc, b0, nbins), (float(ox), float(oy)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _shift_bins(ox, oy, q, nsect, width):
+    """Ring-number shift of sector ``q`` for a ring centre offset (ox, oy) px."""
+    th = -math.pi + (q + 0.5) * (2.0 * math.pi / nsect)
+    return int(round((ox * math.cos(th) + oy * math.sin(th)) / width))
+
+
+@njit(cache=True, nogil=True)
+def _shifted_sum(s, c, b0, width, ox, oy):
+    """Sector sums re-centred on (ox, oy): ring k of the result sums ring
+    ``k + shift(q)`` of every sector q (rings outside the span add nothing)."""
+    nsect, nb = s.shape
+    os_ = np.zeros(nb, dtype=np.float64)
+    oc = np.zeros(nb, dtype=np.float64)
+    for q in range(nsect):
+        t = _shift_bins(ox, oy, q, nsect, width)
+        for k in range(max(0, -t), min(nb, nb - t)):
+            os_[k] += s[q, k + t]
+            oc[k] += c[q, k + t]
+    return os_, oc
+
+
+@njit(cache=True, nogil=True)
+def _lines_score(cs, cc, shifts, b0, width, lines, half, flank, gap):
+    """Summed Poisson z / sqrt(lines) of the ring windows over flat flanks for one set of sector shifts."""
+    nsect, nb1 = cs.shape
+    tot = 0.0
+    nl = 0
+    for k in range(lines.shape[0]):
+        r = lines[k] / width - b0  # ring number in the span, fractional
+        w = half[k] / width
+        g = gap / width
+        f = flank[k] / width
+        # windows as [lo, hi) in ring numbers: window, inner and outer flank
+        edges = (int(math.ceil(r - w - 0.5)), int(math.floor(r + w - 0.5)) + 1,
+                 int(math.ceil(r - w - g - f - 0.5)), int(math.ceil(r - w - g - 0.5)),
+                 int(math.floor(r + w + g - 0.5)) + 1, int(math.floor(r + w + g + f - 0.5)) + 1)
+        sw = 0.0
+        nw = 0.0
+        sf = 0.0
+        nf = 0.0
+        for q in range(nsect):
+            t = shifts[q]
+            a0 = min(max(edges[0] + t, 0), nb1 - 1)
+            a1 = min(max(edges[1] + t, 0), nb1 - 1)
+            f0 = min(max(edges[2] + t, 0), nb1 - 1)
+            f1 = min(max(edges[3] + t, 0), nb1 - 1)
+            g0 = min(max(edges[4] + t, 0), nb1 - 1)
+            g1 = min(max(edges[5] + t, 0), nb1 - 1)
+            sw += cs[q, a1] - cs[q, a0]
+            nw += cc[q, a1] - cc[q, a0]
+            sf += cs[q, f1] - cs[q, f0] + cs[q, g1] - cs[q, g0]
+            nf += cc[q, f1] - cc[q, f0] + cc[q, g1] - cc[q, g0]
+        if nw < 8.0 or nf < 16.0:
+            continue
+        mu = max(sf / nf, 1e-3)
+        tot += (sw - nw * mu) / math.sqrt(nw * mu * (1.0 + nw / nf))
+        nl += 1
+    return tot / math.sqrt(nl) if nl else 0.0
+
+
+@njit(cache=True, nogil=True)
+def _centre_search(s, c, b0, width, lines, half, flank, gap, search, step, min_gain, min_score):
+    """Ring-centre offset (px) maximising :func:`_lines_score` (see :func:`centred_ring_profile`)."""
+    nsect, nb = s.shape
+    cs = np.zeros((nsect, nb + 1), dtype=np.float64)
+    cc = np.zeros((nsect, nb + 1), dtype=np.float64)
+    for q in range(nsect):
+        for k in range(nb):
+            cs[q, k + 1] = cs[q, k] + s[q, k]
+            cc[q, k + 1] = cc[q, k] + c[q, k]
+    shifts = np.zeros(nsect, dtype=np.int64)
+    base = _lines_score(cs, cc, shifts, b0, width, lines, half, flank, gap)
+    best, bx, by = base, 0.0, 0.0
+    n = int(search // step)
+    for pass_ in range(2):
+        cx, cy = bx, by
+        lo, hi, st = (-n, n + 1, step) if pass_ == 0 else (-2, 3, 1.0)
+        for iy in range(lo, hi):
+            for ix in range(lo, hi):
+                ox = (cx if pass_ else 0.0) + ix * st
+                oy = (cy if pass_ else 0.0) + iy * st
+                if ox * ox + oy * oy > search * search or (ix == 0 and iy == 0):
+                    continue
+                for q in range(nsect):
+                    shifts[q] = _shift_bins(ox, oy, q, nsect, width)
+                v = _lines_score(cs, cc, shifts, b0, width, lines, half, flank, gap)
+                if v > best:
+                    best, bx, by = v, ox, oy
+    if best < base + min_gain or best < min_score:
+        return 0.0, 0.0
+    return bx, by
 
 
 def _peak_discs(peaks, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,13 +393,14 @@ def _peak_discs(peaks, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 @njit(cache=True, nogil=True)
-def _disc_sums(frame, index, xs, ys, rads, cap, inband, lo_valid, hi_valid, nbins):
-    """Capped sums and counts per ring over the union of discs, each pixel
-    once. The discs come sorted by ``xs``; a pixel is counted by the first
+def _disc_sums(frame, index, xs, ys, rads, cap, inband, lo_valid, hi_valid, b0, nb, bx, by, nsect):
+    """Capped sums and counts per (sector, ring ``b0 + k``) over the union of
+    discs, each pixel once (sectors as :func:`_sectors_of` around (bx, by)). The discs come sorted by ``xs``; a pixel is counted by the first
     disc (in that order) that holds it, so overlaps are found among the
     neighbours in x without a frame-sized mask."""
-    s = np.zeros(nbins, dtype=np.float64)
-    c = np.zeros(nbins, dtype=np.float64)
+    nbins = inband.shape[0]
+    s = np.zeros((nsect, nb), dtype=np.float64)
+    c = np.zeros((nsect, nb), dtype=np.float64)
     ny, nx = frame.shape
     rmax = 0.0
     for k in range(rads.shape[0]):
@@ -222,8 +432,12 @@ def _disc_sums(frame, index, xs, ys, rads, cap, inband, lo_valid, hi_valid, nbin
                 v = np.float64(frame[i, j])
                 if b >= nbins or not inband[b] or not (v >= lo_valid and v <= hi_valid):
                     continue
-                s[b] += min(v, cap[b])
-                c[b] += 1.0
+                k_ = b - b0
+                if k_ < 0 or k_ >= nb:
+                    continue
+                q_ = _sector_of(j - bx, i - by, nsect)
+                s[q_, k_] += min(v, cap[b])
+                c[q_, k_] += 1.0
     return s, c
 
 
@@ -337,5 +551,5 @@ def warmup(frame: np.ndarray, geometry: Geometry) -> None:
     arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
     stats = radial_stats(arr, geometry=geometry)
     peaks = find_peaks(arr, geometry=geometry, stats=stats)
-    ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)
+    centred_ring_profile(arr, geometry, stats, peaks=peaks, lo_valid=lo, hi_valid=hi)
     sampled_profile(arr, stats, lo_valid=lo, hi_valid=hi)
