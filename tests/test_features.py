@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edge import Geometry, radial_stats
@@ -615,10 +615,12 @@ def test_lines_score_matches_numpy(nsect, nb, seed):
 
 @settings(deadline=None, max_examples=25)
 @given(ox=st.integers(-8, 8), oy=st.integers(-8, 8), seed=st.integers(0, 2**31 - 1))
+@example(ox=-1, oy=0, seed=0)  # believed centre kept: a neighbour scores 0.17 higher
 def test_centre_search_finds_a_ring_centre(ox, oy, seed):
     """Sector profiles of rings drawn around a centre (ox, oy) px from the
     believed one: the search returns that centre (to 1 px); the NumPy score
-    agrees that no grid point does better."""
+    agrees that no grid point does better, or, when the believed centre is
+    kept, that none beats it by the required gain."""
     from edge.evidence.ice import _centre_search
 
     rng = np.random.default_rng(seed)
@@ -638,11 +640,12 @@ def test_centre_search_finds_a_ring_centre(ox, oy, seed):
     cs = np.concatenate([np.zeros((nsect, 1)), np.cumsum(s, axis=1)], axis=1)
     cc = np.concatenate([np.zeros((nsect, 1)), np.cumsum(c, axis=1)], axis=1)
     best = _lines_score_reference(s, c, _shifts_reference(*got, nsect, 1.0), 0, 1.0, lines, half, flank, 2.0)
+    margin = 2.0 if got == (0.0, 0.0) else 0.0  # the believed centre yields only to a gain of 2
     for gx in range(-12, 13, 2):
         for gy in range(-12, 13, 2):
             if gx * gx + gy * gy <= 144:
                 v = _lines_score_reference(s, c, _shifts_reference(gx, gy, nsect, 1.0), 0, 1.0, lines, half, flank, 2.0)
-                assert v <= best + 1e-9
+                assert v <= best + margin + 1e-9, ((gx, gy), v, got, best)
 
 
 def test_centre_search_keeps_the_believed_centre_on_noise():
