@@ -338,7 +338,7 @@ def _lines_score(cs, cc, shifts, b0, width, lines, half, flank, gap):
             nw += cc[q, a1] - cc[q, a0]
             sf += cs[q, f1] - cs[q, f0] + cs[q, g1] - cs[q, g0]
             nf += cc[q, f1] - cc[q, f0] + cc[q, g1] - cc[q, g0]
-        if nw < 8.0 or nf < 16.0:
+        if nw < 8.0 or nf < 16.0:  # too few pixels to score this line (edge of the detector)
             continue
         mu = max(sf / nf, 1e-3)
         tot += (sw - nw * mu) / math.sqrt(nw * mu * (1.0 + nw / nf))
