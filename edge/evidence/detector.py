@@ -15,29 +15,39 @@ __all__ = ["saturation_evidence", "fault_evidence", "FAULT_LIMITS"]
 
 _IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
+def _hot_block_px(v: float) -> float:
+    """Hot-block excess in px from its feature, log2(1 + px beyond HOT_BLOCK_PX)."""
+    return 2.0 ** v - 1.0 + (HOT_BLOCK_PX if v > 0 else 0.0)
+
+
+def _expm1(v: float) -> float:
+    return float(np.expm1(v))
+
+
 #: Fault indicators (anomaly features) and the level from which each shows
-#: a fault: name -> (feature, limit, direction). Each is above every real
+#: a fault: name -> (feature, decode, limit, direction); ``decode`` turns the
+#: feature into the reported value (None: as is), and the limit applies to
+#: that value. Each is above every real
 #: frame in ``../shared/real_frames`` (PILATUS hits reach a row zero excess
 #: of 0.35: module-edge rows) and below the median of simulated faults. On
 #: simulated data these indicators overlap normal frames (a beamstop arm
 #: reads zero too), so for a proposed ``detector_fault`` they are a sanity
 #: check, not proof; a dead region is proof.
 FAULT_LIMITS = {
-    "dead_area_fraction": ("dead_area_fraction", 0.001, 1),
-    "tile_zero_excess_max": ("tile_zero_excess_max", 0.10, 1),
-    "column_zero_excess_max": ("col_zero_excess_max", 0.15, 1),
-    "row_zero_excess_max": ("row_zero_excess_max", 0.50, 1),
-    "hot_block_excess_px": ("log2_hot_block_excess", 0.5, 1),
-    "tile_log2_ratio_max": ("tile_ratio_max", 0.5, 1),
-    "tile_log2_ratio_min": ("tile_ratio_min", -0.5, -1),
+    "dead_area_fraction": ("dead_area_fraction", None, 0.001, 1),
+    "tile_zero_excess_max": ("tile_zero_excess_max", None, 0.10, 1),
+    "column_zero_excess_max": ("col_zero_excess_max", None, 0.15, 1),
+    "row_zero_excess_max": ("row_zero_excess_max", None, 0.50, 1),
+    # a hot block 0.41 px beyond HOT_BLOCK_PX: log2_hot_block_excess >= 0.5
+    "hot_block_excess_px": ("log2_hot_block_excess", _hot_block_px, _hot_block_px(0.5), 1),
+    "tile_log2_ratio_max": ("tile_ratio_max", None, 0.5, 1),
+    "tile_log2_ratio_min": ("tile_ratio_min", None, -0.5, -1),
     # sparse frames (the ring means read 0): a tile's deficit / excess of
-    # pixels reading > 0, Poisson z (real frames: <= 3.2; a dead 256 px chip
-    # at 0.01 counts/px: 9)
-    "tile_nonzero_deficit_z": ("tile_nonzero_deficit_z_max", 6.0, 1),
-    "tile_nonzero_excess_z": ("tile_nonzero_excess_z_max", 8.0, 1),
+    # pixels reading > 0, Poisson z, stored as log1p(z) (real frames: <= 3.2;
+    # a dead 256 px chip at 0.01 counts/px: 9)
+    "tile_nonzero_deficit_z": ("tile_nonzero_deficit_z_max", _expm1, 6.0, 1),
+    "tile_nonzero_excess_z": ("tile_nonzero_excess_z_max", _expm1, 8.0, 1),
 }
-#: Indicators stored as log1p(z) in the features.
-_LOG1P = ("tile_nonzero_deficit_z", "tile_nonzero_excess_z")
 
 
 def saturation_evidence(peaks, features: np.ndarray, saturation: float | None) -> dict:
@@ -83,18 +93,12 @@ def fault_evidence(features: np.ndarray, dead_regions: list | None) -> dict:
     """
     f = np.asarray(features, np.float64)
     vals, beyond = {}, []
-    for name, (feat, limit, sign) in FAULT_LIMITS.items():
+    for name, (feat, decode, limit, sign) in FAULT_LIMITS.items():
         v = float(f[_IDX[feat]])
-        if name == "hot_block_excess_px":
-            v = 2.0 ** v - 1.0 + (HOT_BLOCK_PX if v > 0 else 0.0)
-            hit = f[_IDX[feat]] >= limit
-        elif name in _LOG1P:
-            v = float(np.expm1(v))
-            hit = v >= limit
-        else:
-            hit = v * sign >= limit * sign
+        if decode is not None:
+            v = decode(v)
         vals[name] = round(v, 4)
-        if hit:
+        if v * sign >= limit * sign:
             beyond.append(name)
     regions = [[int(v) for v in b] for b in (dead_regions or [])]
     return {"verdict": "fault" if (regions or beyond) else "none", "dead_regions": regions[:8],

@@ -395,9 +395,10 @@ def _peak_discs(peaks, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.n
 @njit(cache=True, nogil=True)
 def _disc_sums(frame, index, xs, ys, rads, cap, inband, lo_valid, hi_valid, b0, nb, bx, by, nsect):
     """Capped sums and counts per (sector, ring ``b0 + k``) over the union of
-    discs, each pixel once (sectors as :func:`_sectors_of` around (bx, by)). The discs come sorted by ``xs``; a pixel is counted by the first
-    disc (in that order) that holds it, so overlaps are found among the
-    neighbours in x without a frame-sized mask."""
+    discs, each pixel once (sectors as :func:`_sectors_of` around (bx, by)).
+    The discs come sorted by ``xs``; a pixel is counted by the first disc (in
+    that order) that holds it, so overlaps are found among the neighbours in
+    x without a frame-sized mask."""
     nbins = inband.shape[0]
     s = np.zeros((nsect, nb), dtype=np.float64)
     c = np.zeros((nsect, nb), dtype=np.float64)
