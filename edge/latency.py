@@ -226,15 +226,21 @@ COMPETITOR_MAX_S = 900.0
 def competitors(k: int, *, max_seconds: float = COMPETITOR_MAX_S):
     """Run ``k`` CPU-bound competitor processes (busy loops) for the duration.
 
-    Each is killed on exit, also on error or Ctrl-C, and ends by itself after
-    ``max_seconds`` in case this process is killed first. Yields their pids.
+    Each is killed on exit, also on error or Ctrl-C; if this process dies
+    first (SIGTERM, SIGKILL: no cleanup runs) each ends by itself within
+    ~0.1 s, when its parent is gone, and after ``max_seconds`` in any case.
+    Yields their pids.
     """
+    import os
     import subprocess
     import sys
 
     if not 0 <= int(k) <= 64:
         raise ValueError(f"competitors must be 0..64, got {k}")
-    code = f"import time\nend = time.monotonic() + {float(max_seconds)}\nwhile time.monotonic() < end:\n    pass\n"
+    # busy, but a look at the parent every few ms: reparented means orphaned
+    code = (f"import os, time\nparent = {os.getpid()}\nend = time.monotonic() + {float(max_seconds)}\n"
+            "while time.monotonic() < end and os.getppid() == parent:\n"
+            "    for _ in range(200000):\n        pass\n")
     procs = []
     try:
         for _ in range(int(k)):

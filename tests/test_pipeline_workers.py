@@ -152,6 +152,52 @@ def test_competitors_are_always_stopped():
             pass
 
 
+def test_competitors_end_when_the_benchmark_is_killed(tmp_path):
+    # SIGKILL (or a SIGTERM without handler) runs no cleanup: the busy
+    # loops notice that their parent is gone and end by themselves
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "pids"
+    code = ("import sys, time\nfrom edge.latency import competitors\n"
+            "with competitors(2) as pids:\n"
+            f"    open({str(pidfile)!r}, 'w').write(' '.join(map(str, pids)))\n"
+            "    time.sleep(60)\n")
+    bench = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(600):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            time.sleep(0.05)
+        pids = [int(p) for p in pidfile.read_text().split()]
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, 0)  # running
+        bench.send_signal(signal.SIGKILL)
+        bench.wait(timeout=10)
+        gone = set()
+        for _ in range(200):  # 10 s; they look every few ms
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    # an exited child of a dead parent is reaped by init; a
+                    # zombie still answers kill(0): check its state
+                    with open(f"/proc/{pid}/stat") as fh:
+                        if fh.read().split(") ")[1].startswith("Z"):
+                            gone.add(pid)
+                except (ProcessLookupError, FileNotFoundError):
+                    gone.add(pid)
+            if len(gone) == len(pids):
+                break
+            time.sleep(0.05)
+        assert gone == set(pids)
+    finally:
+        bench.kill()
+
+
 def test_default_workers_scale_with_cores():
     assert default_workers(1) == (1, 1)
     assert default_workers(2) == (2, 1)
