@@ -20,11 +20,12 @@ geometry-normalised vector of :data:`N_FEATURES` float32 values:
   with a bright neighbour, which excludes isolated defective pixels), peak
   density per megapixel, saturated peaks;
 * ice-ring contrast of the ring-mean profile at the ice Ih d-spacings;
-* a shift-tolerant ice search: 1-px profiles in 16 azimuthal sectors (every
-  8th row, only the ring band around the strongest lines) scanned for the
-  ice lines at a common radial shift of up to :data:`ICE_SHIFT_PX`, so rings
-  around a beam that is off the believed centre are still seen (best,
-  second-best and median sector score);
+* a wide ring-centre search: 1-px profiles in 64 azimuthal sectors (every
+  4th row, the ring band around the strongest lines) in which the ice lines
+  are looked for around every ring centre within :data:`ICE_SHIFT_PX` of the
+  believed one (:func:`wide_ring_centre`), so rings around a beam far off
+  the believed centre are still seen (the best centre's Poisson z, its gain
+  over the believed centre and its distance);
 * dead area (fraction of the valid area in tiles reading mostly zero), the
   largest excess of exact zeros in a column and in one tile's part of a
   sampled row (dead readout lines span a module, not the frame), the largest
@@ -45,13 +46,16 @@ geometry-normalised vector of :data:`N_FEATURES` float32 values:
   where the clipped ring means read 0);
 * ice rings at full resolution: the Poisson z of each strong ice line in the
   profile of the ice bands (:mod:`edge.evidence.ice`, the evidence gate's
-  own numbers).
+  own numbers);
+* hot readout stripes: the largest fraction of bright pixels in one tile's
+  part of a sampled row and in one column within a row band of tiles.
 
 The per-pixel work is one pass (:func:`_accumulate`) over every
 ``row_step``-th row plus full resolution within :data:`INNER_FULL_PX` of the
 beam centre, walking runs of constant (grid cell, tile) precomputed per
 geometry (:func:`_row_segments`), a pass over the same rows for the
-nonzero counts per (tile, radial bin) and a gather of the ice-band pixels;
+nonzero counts per (tile, radial bin), one over the ring band for the
+sector profiles and a gather of the ice-band pixels;
 everything else works on a few thousand numbers. Call
 :func:`warmup` once at start-up so nothing compiles in the hot path.
 """
@@ -74,6 +78,7 @@ __all__ = [
     "FeatureError",
     "frame_features",
     "frame_features_from_parts",
+    "wide_ring_centre",
     "warmup",
     "RADIAL_EDGES_PX",
     "N_SECTORS",
@@ -98,21 +103,29 @@ Z_CLIP = 5.0
 BRIGHT_SIGMA = 5.0
 #: Saturated peaks count only with at least this many pixels.
 MIN_SAT_PEAK_PIX = 4
-#: Shift-tolerant ice search: the strongest ICE_SECTOR_LINES lines are looked
-#: for in per-sector 1-px profiles, at a common radial shift of up to
-#: ICE_SHIFT_PX (a beam off the believed centre moves a ring by about
-#: offset * cos(angle) in each sector), so rings stay visible when the centre
-#: is wrong.
+#: Wide ring-centre search: the strongest ICE_SECTOR_LINES lines are looked
+#: for in per-sector 1-px profiles around the believed centre; a ring of
+#: radius R centred on a beam o = (ox, oy) px away crosses the sector's ray
+#: (unit direction u) at ``o.u + sqrt(R^2 - |o x u|^2)``, so one 2-D search
+#: over centres within ICE_SHIFT_PX finds rings around a beam far off the
+#: believed centre (the full-resolution ice evidence only searches 12 px).
 ICE_SECTOR_LINES = 3
 ICE_SHIFT_PX = 160
-#: Row step of the sector profiles (every 8th row keeps them cheap).
-ICE_ROW_STEP = 8
-#: Azimuthal sectors of the shift-tolerant ice search (22.5 degrees each: a
-#: ring whose centre is off by d px is smeared by only ~0.02 d in the sector
-#: along the offset).
-N_ICE_SECTORS = 16
+#: Row step of the sector profiles.
+ICE_ROW_STEP = 4
+#: Azimuthal sectors of the wide search (5.625 degrees each: a ring centre d
+#: px off smears a ring by at most ~0.1 d within a sector, ~0.005 d in the
+#: sectors along the offset).
+N_ICE_SECTORS = 64
+#: Coarse grid step of the wide search (px): each coarse point takes each
+#: line's best within +-step/2 in every other sector, then a 1-px search in
+#: all sectors refines it (a coarser grid misses sharp rings).
+ICE_SEARCH_STEP_PX = 6
 #: Counts in the sector profiles are clipped to ring mean + this * sigma (spots).
 ICE_Z_CLIP = 3.0
+#: Column parts (sampled pixels) with fewer valid pixels do not count for
+#: the hot-stripe fraction (a 1M's band holds ~16 sampled rows).
+MIN_BAND_COL_PX = 12
 #: Peaks with at least this many pixels count as "large" (hot clusters, a
 #: leaking beam; Bragg spots, even overloaded ones, stay well below).
 LARGE_PEAK_NPIX = 200
@@ -152,7 +165,7 @@ def _names() -> tuple[str, ...]:
           "log_peak_density", "log_strong_peak_density", "log_saturated_peaks", "saturated_peak_fraction"]
     n += [f"ice_contrast_{d:.3f}A" for d in ICE_LINES_A]
     n += ["ice_significance_max", "ice_lines_visible"]
-    n += ["ice_sector_sig_max", "ice_sector_sig_2nd", "ice_sector_sig_median", "dead_area_fraction"]
+    n += ["ice_wide_z", "ice_wide_gain", "ice_wide_log_offset_px", "dead_area_fraction"]
     n += ["col_zero_excess_max", "row_zero_excess_max", "log_peak_npix_max", "log_large_peaks"]
     n += ["log2_bright_run_max", "log_rows_long_bright_run"]
     n += ["log2_hot_block_excess"]
@@ -161,6 +174,7 @@ def _names() -> tuple[str, ...]:
     n += ["log_nonzero_fraction", "nonzero_tile_contrast", "tile_nonzero_deficit_z_max", "tile_nonzero_excess_z_max"]
     n += [f"ice_ring_z_{d:.3f}A" for d in ICE_LINES_A[:3]]
     n += ["ice_ring_z_weak_lines_max", "ice_ring_log2_contrast_max"]
+    n += ["row_tile_bright_max", "col_band_bright_max"]
     return tuple(n)
 
 
@@ -285,10 +299,15 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
     grid : float64 (3, rings * 8)   -- n, sum of clipped values, sum of expected
     tiles : float64 (8, tiles**2)   -- see the _T_* indices (sampled rows)
     cols : float64 (3, columns)     -- n, sum of clipped z, zero pixels - expected (sampled rows)
-    rows : float64 (5, rows)        -- per sampled row: n, sum of clipped z, largest zero excess
+    rows : float64 (6, rows)        -- per sampled row: n, sum of clipped z, largest zero excess
                                        fraction of a tile's part of the row (>= 32 px), longest
                                        run of bright pixels in adjacent columns, longest run of
-                                       hot pixels whose pixel one sampled row up is hot too
+                                       hot pixels whose pixel one sampled row up is hot too,
+                                       largest bright fraction of a tile's part of the row (>= 32 px)
+    band_cols : int32 (2, 2 * n_tiles * columns) -- per (band of half a tile's rows, column):
+                                       n, bright pixels (sampled rows; a readout stripe spans
+                                       a module, not the frame, and half-tile bands let one
+                                       fall mostly in one band)
 
     Notes
     -----
@@ -303,7 +322,8 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
     tiles_c = np.empty((nchunks, 8, n_tiles * n_tiles), dtype=np.float64)
     cols_c = np.empty((nchunks, 3, nx), dtype=np.float64)
     hot_c = np.empty((nchunks, nx), dtype=np.uint8)
-    rows = np.empty((5, ny), dtype=np.float64)
+    bcols_c = np.empty((nchunks, 2, 2 * n_tiles * nx), dtype=np.int32)
+    rows = np.empty((6, ny), dtype=np.float64)
     sat_c = sat / 4.0
     jin0 = max(0, int(math.floor(bx - inner)))
     jin1 = min(nx, int(math.ceil(bx + inner)) + 1)
@@ -312,13 +332,15 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
         t = tiles_c[c]
         cl = cols_c[c]
         hot_up = hot_c[c]
+        bc = bcols_c[c]
         _zero(g)
         _zero(t)
         _zero(cl)
         _zero(hot_up)
+        _zero(bc)
         i0 = c * ny // nchunks
         i1 = (c + 1) * ny // nchunks
-        for k in range(5):
+        for k in range(6):
             for i in range(i0, i1):
                 rows[k, i] = 0.0
         # hot flags of the sampled row above this chunk (runs cross chunk edges)
@@ -367,9 +389,11 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
                     g[2, cur] += gm
                 continue
             k = i // row_step
+            band = (i * 2 * n_tiles // ny) * nx
             rn = 0.0
             rz = 0.0
             zx_max = 0.0
+            br_max = 0.0
             run = 0.0
             run_max = 0.0
             last_b = -2
@@ -379,6 +403,7 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
             tk = -1
             tn = 0.0
             tz = 0.0
+            tb = 0.0
             for s in range(row_ptr[k], row_ptr[k + 1]):
                 j0 = seg[s, 0]
                 j1 = seg[s, 1]
@@ -386,15 +411,18 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
                 if seg[s, 3] != tk:
                     if tn >= 32.0:
                         zx_max = max(zx_max, tz / tn)
+                        br_max = max(br_max, tb / tn)
                     tk = seg[s, 3]
                     tn = 0.0
                     tz = 0.0
+                    tb = 0.0
                 gn = 0.0
                 gv = 0.0
                 gm = 0.0
                 sz = 0.0
                 s_zero = 0.0
                 s_e = 0.0
+                s_b = 0.0
                 for j in range(j0, j1):
                     b = np.int64(index[i, j])
                     if b >= nbins:
@@ -420,8 +448,11 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
                     cl[0, j] += 1.0
                     cl[1, j] += z
                     cl[2, j] += zero - e
+                    bc[0, band + j] += 1
                     if v >= cap:
                         t[_T_BRIGHT, seg[s, 3]] += 1.0
+                        bc[1, band + j] += 1
+                        s_b += 1.0
                         # run of bright pixels in adjacent columns (masked pixels break it)
                         run = run + 1.0 if j == last_b + 1 else 1.0
                         last_b = j
@@ -463,17 +494,21 @@ def _accumulate(frame, index, ring_tab, rbin_ring, n_rings, seg, row_ptr, n_tile
                 rz += sz
                 tn += gn
                 tz += s_zero - s_e
+                tb += s_b
             if tn >= 32.0:
                 zx_max = max(zx_max, tz / tn)
+                br_max = max(br_max, tb / tn)
             rows[0, i] = rn
             rows[1, i] = rz
             rows[2, i] = zx_max
             rows[3, i] = run_max
             rows[4, i] = hrun_max
+            rows[5, i] = br_max
     grid = _sum_chunks(grid_c, np.empty((3, grid_cells), dtype=np.float64))
     tiles = _sum_chunks(tiles_c, np.empty((8, n_tiles * n_tiles), dtype=np.float64))
     cols = _sum_chunks(cols_c, np.empty((3, nx), dtype=np.float64))
-    return grid, tiles, cols, rows
+    band_cols = _sum_chunks(bcols_c, np.empty((2, 2 * n_tiles * nx), dtype=np.int32))
+    return grid, tiles, cols, rows, band_cols
 
 
 @njit(cache=True, nogil=True)
@@ -526,34 +561,61 @@ def _ring_contrast(profile, line_radius, half_width, flank_in, flank_out):
     return contrast, signif, visible
 
 
-_T225 = math.tan(math.pi / 8.0)
+#: tan of k * 5.625 degrees, k = 1..7: the sector boundaries within an octant
+_TAN64 = np.tan(np.arange(1, 8) * (math.pi / 32.0))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sector16(dx, dy):
-    """Sector 0..15 (22.5 degrees each) of the direction (dx, dy), counter-clockwise from +x."""
+def _octant_sub(t):
+    """Sub-sector 0..7 (5.625 degrees each) of the angle atan(t), 0 <= t <= 1."""
+    q = 0
+    for k in range(7):
+        if t >= _TAN64[k]:
+            q = k + 1
+    return q
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sector64(dx, dy):
+    """Sector 0..63 (5.625 degrees each) of the direction (dx, dy), counter-clockwise from +x."""
     ax = abs(dx)
     ay = abs(dy)
-    if ay <= _T225 * ax:
-        q = 0
-    elif ay < ax:
-        q = 1
-    elif ax < _T225 * ay:
-        q = 3
+    if ay <= ax:
+        q = _octant_sub(ay / ax) if ax > 0.0 else 0
     else:
-        q = 2
+        q = 15 - _octant_sub(ax / ay)
     if dy >= 0.0:
-        return q if dx >= 0.0 else 7 - q
-    return 8 + q if dx < 0.0 else 15 - q
+        return q if dx >= 0.0 else 31 - q
+    return 32 + q if dx < 0.0 else 63 - q
+
+
+#: cot of k * 5.625 degrees, k = 0..64 (inf where sin is 0): the sector boundaries along a row
+with np.errstate(divide="ignore"):
+    _COT64 = np.where(np.arange(65) % 32 == 0, np.inf,
+                      np.cos(np.arange(65) * (math.pi / 32.0)) / np.sin(np.arange(65) * (math.pi / 32.0)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sector_end(s, dy):
+    """dx (px from the centre) at which a row at ``dy`` leaves sector ``s`` going to +x.
+
+    Along a row the angle falls (dy > 0) or rises (dy < 0) monotonically, so
+    the sector changes only at these columns."""
+    if dy > 0.0:
+        return dy * _COT64[s] if s > 0 else np.inf
+    if dy < 0.0:
+        return dy * _COT64[s + 1] if s < 63 else np.inf
+    return 0.0 if s != 0 else np.inf
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, lo_valid, hi_valid,
                      row_step, nchunks):
-    """Per-sector (:data:`N_ICE_SECTORS`) 1-px ring profiles of clipped z-scores over rings ``b_lo..b_hi-1``.
+    """Per-sector (:data:`N_ICE_SECTORS`) 1-px ring profiles of clipped counts over rings ``b_lo..b_hi-1``.
 
     Only sampled rows (``i % row_step == 0``) and only the columns whose
-    radius can fall in the ring band are read.
+    radius can fall in the ring band are read; the sector is tracked along
+    each row (:func:`_sector_end`), not computed per pixel.
 
     Returns
     -------
@@ -563,9 +625,12 @@ def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, 
     nbins = mu_ring.shape[0]
     nb = b_hi - b_lo
     acc_c = np.empty((nchunks, 2, N_ICE_SECTORS * nb), dtype=np.float64)
+    cap = np.empty(max(nb, 0), dtype=np.float64)
+    for b in range(b_lo, b_hi):
+        cap[b - b_lo] = mu_ring[b] + ICE_Z_CLIP * sd_ring[b] if b < nbins else 0.0
+    hi_b = min(b_hi, nbins)
     r_lo = b_lo * width - 1.0
     r_hi = b_hi * width + 1.0
-    zc = ICE_Z_CLIP
     for c in prange(nchunks):
         a = acc_c[c]
         _zero(a)
@@ -584,30 +649,24 @@ def _sector_profiles(frame, index, mu_ring, sd_ring, bx, by, b_lo, b_hi, width, 
                 else:
                     j0 = max(0, int(math.floor(bx + xi)), int(math.ceil(bx - xi)) + 1)
                     j1 = min(nx, int(math.ceil(bx + xo)) + 1)
-                cur = -1
-                sn = 0.0
-                sz = 0.0
+                if j0 >= j1:
+                    continue
+                sec = _sector64(j0 - bx, dy)
+                end = _sector_end(sec, dy)
                 for j in range(j0, j1):
+                    dx = j - bx
+                    while dx >= end:
+                        sec = sec - 1 if dy > 0.0 else (sec + 1 if dy < 0.0 else 0)
+                        end = _sector_end(sec, dy)
                     b = np.int64(index[i, j])
-                    if b < b_lo or b >= b_hi or b >= nbins:
+                    if b < b_lo or b >= hi_b:
                         continue
                     v = np.float64(frame[i, j])
                     if not (v >= lo_valid and v <= hi_valid):
                         continue
-                    z = min(v, mu_ring[b] + zc * sd_ring[b])
-                    key = _sector16(j - bx, dy) * nb + (b - b_lo)
-                    if key != cur:
-                        if cur >= 0:
-                            a[0, cur] += sn
-                            a[1, cur] += sz
-                        cur = key
-                        sn = 0.0
-                        sz = 0.0
-                    sn += 1.0
-                    sz += z
-                if cur >= 0:
-                    a[0, cur] += sn
-                    a[1, cur] += sz
+                    key = sec * nb + (b - b_lo)
+                    a[0, key] += 1.0
+                    a[1, key] += min(v, cap[b - b_lo])
     return _sum_chunks(acc_c, np.empty((2, N_ICE_SECTORS * nb), dtype=np.float64))
 
 
@@ -655,59 +714,147 @@ def _tile_radial_nonzero(frame, rbmap, n_rb, tile_col, n_tiles, lo_valid, hi_val
     return out.reshape(n_tiles * n_tiles, nr1, 2)[:, :n_rb, :]
 
 @njit(cache=True, nogil=True)
-def _sector_ice_search(acc, nb, line_off, shift, flank_in, flank_out):
-    """Best ice-line significance per sector over a common radial shift.
+def _sector_line_sig(acc, nb, flank_in, flank_out):
+    """Per-sector significance of a narrow ring at each bin of the sector profiles.
 
-    ``acc`` from :func:`_sector_profiles`; ``line_off`` = line radii in bins
-    relative to ``b_lo``. For each sector the significance of a narrow ring at
-    bin ``r`` is (mean of bins r-1..r+1 - mean of the flanks
-    ``flank_in..flank_out`` bins away on both sides) / Poisson noise of that
-    3-bin mean at the flank level;
-    the sector's score is the best, over shifts ``-shift..shift``, of the
-    summed significance of the lines divided by sqrt(number of lines).
+    ``acc`` from :func:`_sector_profiles`. The significance of a ring at bin
+    ``r`` is (mean of bins r-1..r+1 - mean of the flanks ``flank_in..flank_out``
+    bins away on both sides) / Poisson noise of that 3-bin mean at the flank
+    level; it is NaN where either has fewer than 8 pixels.
 
     Returns
     -------
-    score : float64 (N_ICE_SECTORS,)
+    sig : float64 (N_ICE_SECTORS, nb)
     """
     ns = acc.shape[1] // nb
-    out = np.zeros(ns, dtype=np.float64)
-    nl = line_off.shape[0]
+    sig = np.full((ns, nb), np.nan)
+    cn = np.zeros(nb + 1)
+    cz = np.zeros(nb + 1)
     for s in range(ns):
-        n = acc[0, s * nb : (s + 1) * nb]
-        z = acc[1, s * nb : (s + 1) * nb]
-        cn = np.zeros(nb + 1)
-        cz = np.zeros(nb + 1)
         for r in range(nb):
-            cn[r + 1] = cn[r] + n[r]
-            cz[r + 1] = cz[r] + z[r]
-        sig = np.zeros(nb)
+            cn[r + 1] = cn[r] + acc[0, s * nb + r]
+            cz[r + 1] = cz[r] + acc[1, s * nb + r]
         for r in range(flank_out, nb - flank_out):
             n3 = cn[r + 2] - cn[r - 1]
             if n3 < 8.0:
                 continue
-            z3 = (cz[r + 2] - cz[r - 1]) / n3
             nf = (cn[r - flank_in + 1] - cn[r - flank_out]) + (cn[r + flank_out + 1] - cn[r + flank_in])
             if nf < 8.0:
                 continue
+            z3 = (cz[r + 2] - cz[r - 1]) / n3
             zf = ((cz[r - flank_in + 1] - cz[r - flank_out]) + (cz[r + flank_out + 1] - cz[r + flank_in])) / nf
-            # Poisson noise of the 3-bin mean at the flank level
-            sig[r] = (z3 - zf) * math.sqrt(n3 / max(zf, 0.25))
-        best = 0.0
-        for t in range(-shift, shift + 1):
-            tot = 0.0
-            cnt = 0
-            for k in range(nl):
-                r = int(line_off[k] + 0.5) + t
-                if r >= flank_out and r < nb - flank_out:
-                    tot += sig[r]
-                    cnt += 1
-            if cnt > 0:
-                v = tot / math.sqrt(cnt)
-                if v > best:
-                    best = v
-        out[s] = best
-    return out
+            sig[s, r] = (z3 - zf) * math.sqrt(n3 / max(zf, 0.25))
+    return sig
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _centre_score(tab, cnt, line_rad, b_lo, ux, uy, ox, oy, sstep):
+    """Summed line significance / sqrt(terms) of ring centre (ox, oy) (bins), every ``sstep``-th sector.
+
+    Around a centre o, a ring of radius R crosses the ray from the believed
+    centre along u at rho = o.u + sqrt(R^2 - |o x u|^2)."""
+    ns, nb = tab.shape
+    nl = line_rad.shape[0]
+    oo = ox * ox + oy * oy
+    t_sum = 0.0
+    c_sum = 0.0
+    for s in range(0, ns, sstep):
+        p = ox * ux[s] + oy * uy[s]
+        q2 = oo - p * p
+        for k in range(nl):
+            d = line_rad[k] * line_rad[k] - q2
+            if d <= 0.0:
+                continue
+            r = int(math.floor(p + math.sqrt(d) - b_lo + 0.5))
+            if 0 <= r < nb:
+                t_sum += tab[s, r]
+                c_sum += cnt[s, r]
+    return t_sum / math.sqrt(c_sum) if c_sum > 0.0 else 0.0
+
+
+@njit(cache=True, nogil=True)
+def _ice_centre_search(sig, line_rad, b_lo, ux, uy, shift, step):
+    """Ring centre within ``shift`` bins of the believed one that best fits the ice lines.
+
+    ``sig`` (from :func:`_sector_line_sig`) covers rings ``b_lo..``; the
+    lines have radii ``line_rad`` (bins) around the true beam. The score of a
+    centre is the sum over sectors (unit directions (ux, uy)) and lines of
+    ``sig`` where the line crosses the sector's ray (:func:`_centre_score`),
+    divided by sqrt(number of terms): a Poisson z. Centres are tried on a
+    grid of ``step`` bins in every other sector, each term taking its best
+    within +-step/2 bins, then on a 1-bin grid in all sectors around the best.
+
+    Returns
+    -------
+    best, ox, oy, at_believed : float
+        Best score and its centre (bins), and the score of (0, 0).
+    """
+    ns, nb = sig.shape
+    half = step // 2
+    tab = np.zeros((ns, nb))
+    cnt = np.zeros((ns, nb))
+    for s in range(ns):
+        for r in range(nb):
+            if not math.isnan(sig[s, r]):
+                tab[s, r] = sig[s, r]
+                cnt[s, r] = 1.0
+    # coarse tables (every other sector): the best within +-half bins, a
+    # term only where sig is defined; running max over blocks of the window
+    # (van Herk / Gil-Werman) on the row padded with -inf by half each side
+    ctab = np.zeros((ns, nb))
+    ccnt = np.zeros((ns, nb))
+    w = 2 * half + 1
+    npad = nb + 2 * half
+    fwd = np.empty(npad)
+    bwd = np.empty(npad)
+    for s in range(0, ns, 2):
+        for i in range(npad):
+            r = i - half
+            v = tab[s, r] if 0 <= r < nb and cnt[s, r] > 0.0 else -np.inf
+            fwd[i] = v if i % w == 0 else max(fwd[i - 1], v)
+        for i in range(npad - 1, -1, -1):
+            r = i - half
+            v = tab[s, r] if 0 <= r < nb and cnt[s, r] > 0.0 else -np.inf
+            bwd[i] = v if (i % w == w - 1 or i == npad - 1) else max(bwd[i + 1], v)
+        for r in range(nb):
+            m = max(bwd[r], fwd[r + 2 * half])
+            if m > -np.inf:
+                ctab[s, r] = m
+                ccnt[s, r] = 1.0
+    at0 = _centre_score(tab, cnt, line_rad, b_lo, ux, uy, 0.0, 0.0, 1)
+    best_c = -1.0e300
+    cx = 0
+    cy = 0
+    n = shift // step
+    for iy in range(-n, n + 1):
+        for ix in range(-n, n + 1):
+            ox = ix * step
+            oy = iy * step
+            if ox * ox + oy * oy > shift * shift:
+                continue
+            v = _centre_score(ctab, ccnt, line_rad, b_lo, ux, uy, float(ox), float(oy), 2)
+            if v > best_c:
+                best_c = v
+                cx = ox
+                cy = oy
+    best = at0
+    bx = 0.0
+    by = 0.0
+    for oy in range(cy - half - 1, cy + half + 2):
+        for ox in range(cx - half - 1, cx + half + 2):
+            if ox * ox + oy * oy > shift * shift:
+                continue
+            v = _centre_score(tab, cnt, line_rad, b_lo, ux, uy, float(ox), float(oy), 1)
+            if v > best:
+                best = v
+                bx = float(ox)
+                by = float(oy)
+    return best, bx, by, at0
+
+
+#: Unit direction of each wide-search sector's middle.
+_SECTOR_UX = np.cos((np.arange(N_ICE_SECTORS) + 0.5) * (2.0 * math.pi / N_ICE_SECTORS))
+_SECTOR_UY = np.sin((np.arange(N_ICE_SECTORS) + 0.5) * (2.0 * math.pi / N_ICE_SECTORS))
 
 
 # ---------------------------------------------------------------------------
@@ -730,7 +877,7 @@ def _tables(geometry: Geometry, stats: RadialStats, row_step: int):
         seg, row_ptr = _row_segments(stats.bins.index, int(stats.bins.nbins), rbin, tile_col,
                                      float(bx), float(by), int(row_step))
         line_r = np.asarray(geometry.radius_for_d(ICE_LINES_A), dtype=np.float64) / stats.bins.width
-        # ring band of the shift-tolerant search (strongest lines +- shift + flanks)
+        # ring band of the wide ring-centre search (strongest lines +- shift + flanks)
         lr = line_r[:ICE_SECTOR_LINES]
         lr = lr[np.isfinite(lr)]
         reach = (ICE_SHIFT_PX + 30.0) / stats.bins.width
@@ -781,6 +928,25 @@ def _check_finite(arr: np.ndarray, index: np.ndarray, nbins: int) -> None:
     if n_bad > MAX_NAN_FRACTION * max(int(np.count_nonzero(valid)), 1):
         raise FeatureError(f"frame has NaN/inf on {n_bad} pixels the geometry says are valid "
                            f"(more than {MAX_NAN_FRACTION:.0%}); mask them in the geometry")
+
+
+def _wide_ring_search(arr, geometry: Geometry, stats: RadialStats, tab: np.ndarray, band, lo_valid: float,
+                      hi_valid: float) -> tuple[float, float, float, float] | None:
+    """:func:`wide_ring_centre` on a kernel-dtype frame with its ring table and
+    band (from :func:`_tables`): best score, centre (px), score at the
+    believed centre; None without a ring band."""
+    b_lo, b_hi, line_off = band
+    if b_hi - b_lo <= 60 or not len(line_off):
+        return None
+    width = float(stats.bins.width)
+    bx, by = geometry.beam_center
+    acc = _sector_profiles(arr, stats.bins.index, tab[:, 0], 1.0 / tab[:, 2], float(bx), float(by), int(b_lo),
+                           int(b_hi), width, float(lo_valid), float(hi_valid), int(ICE_ROW_STEP), _nchunks())
+    sig = _sector_line_sig(acc, int(b_hi - b_lo), max(int(round(6 / width)), 2), max(int(round(20 / width)), 4))
+    best, ox, oy, at0 = _ice_centre_search(sig, line_off + b_lo, float(b_lo), _SECTOR_UX, _SECTOR_UY,
+                                           int(round(ICE_SHIFT_PX / width)),
+                                           max(int(round(ICE_SEARCH_STEP_PX / width)), 2))
+    return float(best), float(ox * width), float(oy * width), float(at0)
 
 
 # ---------------------------------------------------------------------------
@@ -917,7 +1083,7 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     sd = 1.0 / tab[:, 2]
     sat = float(geometry.saturation) if geometry.saturation else 0.0
     bx, by = geometry.beam_center
-    grid, tiles, cols, rows = _accumulate(arr, stats.bins.index, tab, rbin, N_RINGS, seg, row_ptr, N_TILES,
+    grid, tiles, cols, rows, band_cols = _accumulate(arr, stats.bins.index, tab, rbin, N_RINGS, seg, row_ptr, N_TILES,
                                           float(bx), float(by), float(lo_valid), float(hi_valid), sat,
                                           int(row_step), int(INNER_FULL_PX), _nchunks())
     out = np.zeros(N_FEATURES, dtype=np.float64)
@@ -990,15 +1156,12 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     out[k] = np.log1p(max(signif.max(), 0.0)) if visible.any() else 0.0
     out[k + 1] = visible.mean()
     k += 2
-    # shift-tolerant ice search in sector profiles (robust to a wrong centre)
-    if b_hi - b_lo > 60 and len(line_off):
-        width = float(stats.bins.width)
-        acc = _sector_profiles(arr, stats.bins.index, mu, sd, float(bx), float(by), int(b_lo), int(b_hi), width,
-                               float(lo_valid), float(hi_valid), int(ICE_ROW_STEP), _nchunks())
-        shift = int(round(ICE_SHIFT_PX / width))
-        sc = np.sort(_sector_ice_search(acc, int(b_hi - b_lo), line_off, shift,
-                                        max(int(round(6 / width)), 2), max(int(round(20 / width)), 4)))
-        out[k : k + 3] = np.log1p(np.maximum([sc[-1], sc[-2], np.median(sc)], 0.0))
+    # wide ring-centre search (rings around a beam far off the believed
+    # centre): best score, its gain over the believed centre, distance (px)
+    wide = _wide_ring_search(arr, geometry, stats, tab, (b_lo, b_hi, line_off), lo_valid, hi_valid)
+    if wide is not None:
+        best, ox, oy, at0 = wide
+        out[k : k + 3] = [np.log1p(max(best, 0.0)), np.log1p(max(best - at0, 0.0)), np.log1p(math.hypot(ox, oy))]
     k += 3
     # fraction of the (sampled) valid area in tiles that read mostly zero
     if ok.any() and ntot > 0:
@@ -1081,8 +1244,45 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     # numbers, edge.evidence.ice); every 4th row would halve a faint ring's z
     out[k : k + 5] = _ice_ring_z(arr, geometry, stats, peaks, lo_valid, hi_valid)
     k += 5
+    # hot readout stripes: the largest fraction of bright pixels in a tile's
+    # part of a sampled row, and in a column within a band of half a tile's
+    # rows (Bragg spots fill neither; a stripe across a module, >= 195 rows,
+    # fills >= 60 % of some band of <= 2 x 195 / 2.5 rows)
+    out[k] = float(rows[5].max()) if rows.shape[1] else 0.0
+    good = band_cols[0] >= MIN_BAND_COL_PX
+    if good.any():
+        out[k + 1] = float((band_cols[1, good] / band_cols[0, good]).max())
+    k += 2
     assert k == N_FEATURES
     return out.astype(np.float32)
+
+
+def wide_ring_centre(frame: np.ndarray, geometry: Geometry, *, stats: RadialStats | None = None) -> dict | None:
+    """Ring centre within :data:`ICE_SHIFT_PX` of the believed beam centre that
+    best fits the three strongest ice lines (the features' wide search).
+
+    Parameters
+    ----------
+    frame : 2-D array (rows, columns), counts
+    geometry : Geometry
+    stats : RadialStats, optional
+        Radial statistics of ``frame`` (computed if omitted).
+
+    Returns
+    -------
+    dict or None
+        ``z`` (Poisson z of the lines around the best centre), ``z_at_believed_centre``,
+        ``centre_offset_px`` ((dx, dy) from the believed centre, px; +x = columns,
+        +y = rows); None when the ice lines are not on the detector.
+    """
+    arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
+    if stats is None:
+        stats = radial_stats(arr, geometry=geometry)
+    wide = _wide_ring_search(arr, geometry, stats, _ring_table(stats), _tables(geometry, stats, 4)[3], lo, hi)
+    if wide is None:
+        return None
+    best, ox, oy, at0 = wide
+    return {"z": best, "z_at_believed_centre": at0, "centre_offset_px": (ox, oy)}
 
 
 def warmup(dtypes=(np.int32, np.uint16, np.uint32, np.float32)) -> None:

@@ -53,8 +53,8 @@ GATED_HELDOUT = (200_000, 200_200)
 FRESH_SEEDS_FROM = 900_000
 #: Seeds per cache file.
 BLOCK = 2000
-RECIPE_VERSION = 6  # bump when edge.anomaly_data or edge.features change
-MODEL_VERSION = 6
+RECIPE_VERSION = 7  # bump when edge.anomaly_data or edge.features change
+MODEL_VERSION = 7
 CLIP = 6.0  # standardised features are clipped to +-CLIP before the network
 HIDDEN = (128, 64)
 #: A tuned class threshold replaces 0.5 only when it gains this much

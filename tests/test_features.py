@@ -23,8 +23,8 @@ def ref_sector(dx, dy, n=8):
     return int(a // (2 * math.pi / n)) % n
 
 
-def ref_sector16(dx, dy):
-    return ref_sector(dx, dy, 16)
+def ref_sector64(dx, dy):
+    return ref_sector(dx, dy, 64)
 
 
 def check_sector(k, dx, dy, n):
@@ -49,7 +49,8 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
     grid = np.zeros((3, n_rings * 8))
     tiles = np.zeros((8, n_t * n_t))
     cols = np.zeros((3, nx))
-    rows = np.zeros((5, ny))
+    rows = np.zeros((6, ny))
+    band_cols = np.zeros((2, 2 * n_t * nx))
     tcol = np.searchsorted(edges, np.arange(nx), side="right") - 1
     jin0, jin1 = max(0, math.floor(bx - inner)), min(nx, math.ceil(bx + inner) + 1)
 
@@ -65,7 +66,7 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
         if not sampled and abs(i - by) >= inner:
             continue
         bright_cols, hot_cols = [], []
-        part = np.zeros((2, n_t))  # per tile part of the row: n, zeros - expected
+        part = np.zeros((3, n_t))  # per tile part of the row: n, zeros - expected, bright
         for j in range(nx) if sampled else range(jin0, jin1):
             if not valid(i, j):
                 continue
@@ -79,8 +80,10 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
             z = max((vc - mu[b]) / sd[b], -5.0)
             cols[:, j] += (1, z, (v == 0) - e0[b])
             rows[:2, i] += (1, z)
-            part[:, tcol[j]] += (1, (v == 0) - e0[b])
-            if vc >= mu[b] + 5 * sd[b]:
+            bright = vc >= mu[b] + 5 * sd[b]
+            part[:, tcol[j]] += (1, (v == 0) - e0[b], bright)
+            band_cols[:, (i * 2 * n_t // ny) * nx + j] += (1, bright)
+            if bright:
                 bright_cols.append(j)
             if i >= row_step and hot(i, j) and hot(i - row_step, j):
                 hot_cols.append(j)
@@ -92,9 +95,10 @@ def ref_accumulate(frame, index, mu, sd, e0, rbin, n_rings, edges, bx, by, lo, h
         if sampled:
             ok = part[0] >= 32
             rows[2, i] = max(0.0, (part[1, ok] / part[0, ok]).max()) if ok.any() else 0.0
+            rows[5, i] = (part[2, ok] / part[0, ok]).max() if ok.any() else 0.0
             rows[3, i] = longest_run(bright_cols)
             rows[4, i] = longest_run(hot_cols)
-    return grid, tiles, cols, rows
+    return grid, tiles, cols, rows, band_cols
 
 
 def longest_run(cols):
@@ -166,21 +170,21 @@ def test_accumulate_matches_numpy(ny, nx, seed, row_step, inner, dtype):
 
 @settings(deadline=None)  # the first example compiles the kernel
 @given(st.floats(-50, 50), st.floats(-50, 50))
-def test_sector16_matches_atan2(dx, dy):
-    check_sector(F._sector16(dx, dy), dx, dy, 16)
+def test_sector64_matches_atan2(dx, dy):
+    check_sector(F._sector64(dx, dy), dx, dy, 64)
 
 
 def ref_sector_profiles(frame, index, mu, sd, bx, by, b_lo, b_hi, lo, hi, row_step):
     ny, nx = frame.shape
     nb = b_hi - b_lo
-    acc = np.zeros((2, 16 * nb))
+    acc = np.zeros((2, 64 * nb))
     for i in range(0, ny, row_step):
         for j in range(nx):
             b = int(index[i, j])
             v = float(frame[i, j])
             if b < b_lo or b >= b_hi or b >= len(mu) or not (lo <= v <= hi):
                 continue
-            key = ref_sector16(j - bx, i - by) * nb + b - b_lo
+            key = ref_sector64(j - bx, i - by) * nb + b - b_lo
             acc[:, key] += (1.0, min(v, mu[b] + F.ICE_Z_CLIP * sd[b]))
     return acc
 
@@ -291,21 +295,108 @@ def test_dead_stripe_in_a_row_is_seen_in_its_tile():
     assert dead[k] > 0.9 and dead[k] > normal[k] + 0.2
 
 
-def test_ice_search_tolerates_a_wrong_beam_centre():
+def ref_line_sig(acc, nb, fi, fo):
+    ns = acc.shape[1] // nb
+    sig = np.full((ns, nb), np.nan)
+    for s in range(ns):
+        n, z = acc[0, s * nb:(s + 1) * nb], acc[1, s * nb:(s + 1) * nb]
+        for r in range(fo, nb - fo):
+            n3, z3 = n[r - 1:r + 2].sum(), z[r - 1:r + 2].sum()
+            nf = n[r - fo:r - fi + 1].sum() + n[r + fi:r + fo + 1].sum()
+            zf = z[r - fo:r - fi + 1].sum() + z[r + fi:r + fo + 1].sum()
+            if n3 >= 8 and nf >= 8:
+                sig[s, r] = (z3 / n3 - zf / nf) * math.sqrt(n3 / max(zf / nf, 0.25))
+    return sig
+
+
+@settings(max_examples=60, deadline=None)
+@given(ns=st.integers(1, 6), nb=st.integers(1, 80), fi=st.integers(1, 4), extra=st.integers(1, 8),
+       seed=st.integers(0, 2**31 - 1))
+def test_sector_line_sig_matches_numpy(ns, nb, fi, extra, seed):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(0, 6, (ns, nb)).astype(np.float64)
+    acc = np.stack([n.ravel(), (n * rng.uniform(0, 5, (ns, nb))).ravel()])
+    got = F._sector_line_sig(acc, nb, fi, fi + extra)
+    np.testing.assert_allclose(got, ref_line_sig(acc, nb, fi, fi + extra), rtol=1e-9, atol=1e-9)
+
+
+def ref_centre_score(sig, line_rad, b_lo, ux, uy, ox, oy, sstep=1):
+    """Where each line of a ring around (ox, oy) crosses each sector's ray, by the law of cosines."""
+    tot, cnt = 0.0, 0
+    for s in range(0, sig.shape[0], sstep):
+        p = ox * ux[s] + oy * uy[s]
+        q2 = ox * ox + oy * oy - p * p
+        for rad in line_rad:
+            if rad * rad - q2 <= 0:
+                continue
+            r = math.floor(p + math.sqrt(rad * rad - q2) - b_lo + 0.5)
+            if 0 <= r < sig.shape[1] and not np.isnan(sig[s, r]):
+                tot, cnt = tot + sig[s, r], cnt + 1
+    return tot / math.sqrt(cnt) if cnt else 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(ox=st.integers(-40, 40), oy=st.integers(-40, 40), seed=st.integers(0, 2**31 - 1))
+def test_ice_centre_search_finds_a_planted_ring_centre(ox, oy, seed):
+    # noise z everywhere (some undefined), and z 4 where three lines around
+    # (ox, oy) cross each sector: the search finds that centre; its scores are
+    # the reference's at the centres it reports
+    rng = np.random.default_rng(seed)
+    ns, b_lo, nb, shift = 64, 100, 240, 48
+    line_rad = np.array([150.0, 190.0, 230.0]) + rng.uniform(-0.4, 0.4, 3)
+    sig = rng.normal(0.0, 1.0, (ns, nb))
+    sig[rng.random((ns, nb)) < 0.05] = np.nan
+    if ox * ox + oy * oy <= shift * shift:
+        for s in range(ns):
+            p = ox * F._SECTOR_UX[s] + oy * F._SECTOR_UY[s]
+            q2 = ox * ox + oy * oy - p * p
+            for rad in line_rad:
+                sig[s, math.floor(p + math.sqrt(rad * rad - q2) - b_lo + 0.5)] = 4.0
+    best, bx, by, at0 = F._ice_centre_search(sig, line_rad, float(b_lo), F._SECTOR_UX, F._SECTOR_UY, shift, 6)
+    assert at0 == pytest.approx(ref_centre_score(sig, line_rad, b_lo, F._SECTOR_UX, F._SECTOR_UY, 0, 0))
+    assert best == pytest.approx(ref_centre_score(sig, line_rad, b_lo, F._SECTOR_UX, F._SECTOR_UY, bx, by))
+    assert best >= at0 and bx * bx + by * by <= shift * shift
+    if ox * ox + oy * oy <= shift * shift:
+        # the planted centre scores ~4 sqrt(192) ~ 55; a neighbour may share most terms
+        assert abs(bx - ox) <= 1 and abs(by - oy) <= 1, (bx, by, best)
+        assert best >= ref_centre_score(sig, line_rad, b_lo, F._SECTOR_UX, F._SECTOR_UY, ox, oy) - 1e-9
+
+
+def test_wide_ring_search_finds_rings_around_a_beam_far_off_centre():
     # a beam 60-140 px off the believed centre smears the rings in the ring
-    # means, but the shift-tolerant sector search still sees them
+    # means; the wide search finds the ring centre and the lines around it
     idx = {n: i for i, n in enumerate(F.FEATURE_NAMES)}
-    k = idx["ice_sector_sig_max"]
+    k = idx["ice_wide_z"]
     for off in ((60.0, -80.0), (140.0, 20.0)):
         base = dict(layout="1m", seed=5, background=3.0, beam_offset=off)
-        normal = F.frame_features(*_fg(simulate(**base)))
-        ice = F.frame_features(*_fg(simulate(**base, ice_rings=True, ice_strength=6.0)))
-        assert ice[k] > normal[k] + 0.5, off
+        sf_n = simulate(**base)
+        sf_i = simulate(**base, ice_rings=True, ice_strength=6.0)
+        normal = F.frame_features(*_fg(sf_n))
+        ice = F.frame_features(*_fg(sf_i))
+        assert np.expm1(ice[k]) >= 2.0 * np.expm1(normal[k]) and np.expm1(ice[k]) > 10.0, off
+        # the 1M is wider than high: the rings' x is pinned, their y less so
+        found = F.wide_ring_centre(*_fg(sf_i))
+        assert abs(found["centre_offset_px"][0] - off[0]) <= 6.0, (off, found)
+        assert abs(found["centre_offset_px"][1] - off[1]) <= 20.0, (off, found)
+        assert found["z"] >= found["z_at_believed_centre"] + 5.0
     # a dead module is a large zero-reading area
     dead = F.frame_features(*_fg(simulate(layout="1m", seed=5, dead_modules=1)))
     normal = F.frame_features(*_fg(simulate(layout="1m", seed=5)))
     assert dead[idx["dead_area_fraction"]] > 0.2 and normal[idx["dead_area_fraction"]] == 0.0
 
+
+def test_hot_readout_stripes_fill_a_tile_row_or_a_band_column():
+    # a hot stripe across a module (3-30x the background, sim._readout_faults)
+    # fills columns within a tile band (or a tile's part of rows); Bragg spots fill neither
+    idx = {n: i for i, n in enumerate(F.FEATURE_NAMES)}
+    sf = simulate(layout="1m", seed=7, background=1.0)
+    normal = F.frame_features(*_fg(sf))
+    for rows_across, name in ((False, "col_band_bright_max"), (True, "row_tile_bright_max")):
+        frame = sf.frame.copy()
+        sl = (slice(40, 48), slice(0, 500)) if rows_across else (slice(0, 500), slice(300, 306))
+        frame[sl] = np.where(frame[sl] >= 0, frame[sl] + 12, frame[sl])
+        hot = F.frame_features(frame, sf.geometry)
+        assert hot[idx[name]] >= 0.9 and normal[idx[name]] < 0.3, (name, hot[idx[name]], normal[idx[name]])
 
 
 def test_full_resolution_ice_z_is_the_evidence_z_and_sees_a_faint_ring():

@@ -24,6 +24,7 @@ from edge.anomaly import AnomalyModel
 from edge.evidence import EvidenceGate
 from edge.evidence.beam import offset_evidence
 from edge.evidence.ice import ice_ring_evidence, sampled_profile
+from edge.features import wide_ring_centre
 from edge.sim import ICE_D_SPACINGS, ICE_REL_INTENSITY
 
 from conftest import REAL_FRAMES
@@ -142,6 +143,10 @@ def test_no_ice_ring_on_real_frames(frames, key):
     assert offset == (0.0, 0.0)
     np.testing.assert_allclose(cmean, mean)
     np.testing.assert_array_equal(ccount, count)
+    # nor does the wide search (+-160 px) find a centre that fits ice lines
+    # (the gate backs an ice proposal from z 15, measures the beam from z 20)
+    wide = wide_ring_centre(frame, geom, stats=stats)
+    assert wide is not None and wide["z"] < 10.0, wide
 
 
 def test_beam_offset_cannot_be_judged_on_a_sparse_frame(frames):
@@ -271,6 +276,63 @@ def test_faint_sharp_ice_around_a_beam_off_the_believed_centre(low_blank):
     ev = a.evidence["ice_rings"]
     assert 3.897 in ev["found_d_A"] and ev["ring_centre_offset_px"] == [round(v, 1) for v in off]
     assert f"ring centre ({off[0]:+.0f}, {off[1]:+.0f}) px from the believed beam centre" in a.summary()
+
+
+def test_ice_around_a_beam_far_off_the_believed_centre_on_real_blank(frames):
+    """Rings 1.5x the real blank's background around a beam (80, -60) px off
+    the believed centre: around the believed centre they are smeared over
+    +-100 px and the full-resolution profile (which searches 12 px) finds no
+    line. The wide search finds the ring centre; it backs an ``ice_rings``
+    proposal with that centre, and with no beamstop shadow measured it is
+    the beam-offset measurement that confirms ``beam_off_center``."""
+    frame, geom = frames["blank"]
+    iced = _add_ice(frame, geom, 1.5, seed=9, width_px=1.5, centre_offset=(80.0, -60.0))
+    wide = wide_ring_centre(iced, geom)
+    assert abs(wide["centre_offset_px"][0] - 80.0) <= 2 and abs(wide["centre_offset_px"][1] + 60.0) <= 2, wide
+    assert wide["z"] >= 20 and wide["z_at_believed_centre"] < 5, wide
+    a = _gate_with_proposal(iced, geom, "ice_rings")
+    ev = a.evidence["ice_rings"]
+    assert "ice_rings" in a.flags, a.summary()
+    assert ev["profile"] == "wide search" and not ev["found_d_A"], ev
+    assert ev["ring_centre_offset_px"] == [round(v, 1) for v in wide["centre_offset_px"]]
+    assert "ice lines around a ring centre (+80, -60) px from the believed beam centre" in a.summary()
+    # the same frame, beam_off_center proposed and no shadow found
+    from edge.anomaly_data import CLASSES
+    from edge.features import frame_features
+
+    stats = radial_stats(iced, geometry=geom)
+    peaks = find_peaks(iced, geometry=geom, stats=stats)
+    f = frame_features(iced, geom, stats=stats, peaks=peaks)
+    probs = {c: 0.0 for c in CLASSES}
+    b = EvidenceGate()(probs, ("beam_off_center",), iced, geom, stats=stats, peaks=peaks, features=f,
+                       beam_offset=None)
+    off = b.evidence["beam_off_center"]
+    assert "beam_off_center" in b.flags and off["measured_by"] == "ice-ring centre", off
+    assert off["offset_abs_px"] == pytest.approx(100.0, abs=3.0)
+    # without rings, no shadow is still "cannot judge"
+    c = _gate_with_proposal(frame, geom, "beam_off_center")
+    stats0 = radial_stats(frame, geometry=geom)
+    peaks0 = find_peaks(frame, geometry=geom, stats=stats0)
+    f0 = frame_features(frame, geom, stats=stats0, peaks=peaks0)
+    c = EvidenceGate()(probs, ("beam_off_center",), frame, geom, stats=stats0, peaks=peaks0, features=f0,
+                       beam_offset=None)
+    assert c.evidence["beam_off_center"]["verdict"] == "cannot_judge" and not c.flags, c.evidence
+
+
+@pytest.mark.parametrize("key", ["strong1", "blank"])
+def test_hot_readout_stripe_on_real_frame_is_fault_evidence(frames, key):
+    """A hot readout stripe (8 px across one module, +10 counts/px) on a real
+    frame: the fault evidence names it; the untouched frame shows no hot stripe."""
+    frame, geom = frames[key]
+    hot = frame.copy()
+    sl = (slice(212, 407), slice(600, 608))  # columns across module (1, 1) of the 6M
+    hot[sl] = np.where(hot[sl] >= 0, hot[sl] + 10, hot[sl])
+    a = _gate_with_proposal(hot, geom, "detector_fault")
+    ev = a.evidence["detector_fault"]
+    assert "detector_fault" in a.flags and "column_band_bright_fraction" in ev["beyond"], ev
+    clean = _gate_with_proposal(frame, geom, "detector_fault").evidence["detector_fault"]
+    assert clean["column_band_bright_fraction"] < 0.2 and clean["row_tile_bright_fraction"] < 0.2, clean
+    assert not {"column_band_bright_fraction", "row_tile_bright_fraction"} & set(clean["beyond"]), clean
 
 
 def test_ice_on_real_blank(model, frames):

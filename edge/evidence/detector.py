@@ -47,6 +47,12 @@ FAULT_LIMITS = {
     # a dead 256 px chip at 0.01 counts/px: 9)
     "tile_nonzero_deficit_z": ("tile_nonzero_deficit_z_max", _expm1, 6.0, 1),
     "tile_nonzero_excess_z": ("tile_nonzero_excess_z_max", _expm1, 8.0, 1),
+    # hot readout stripes: bright fraction of a tile's part of a row, or of
+    # a column within a band of half a tile's rows (real frames: <= 0.14; a
+    # stripe across a module: 0.6-1; simulated frames without a fault reach
+    # 0.5-0.6 on 4 % of frames: arcs of rings around a misplaced beam)
+    "row_tile_bright_fraction": ("row_tile_bright_max", None, 0.5, 1),
+    "column_band_bright_fraction": ("col_band_bright_max", None, 0.6, 1),
 }
 
 

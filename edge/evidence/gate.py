@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..background import RadialStats, prepare_frame
-from ..features import FEATURE_NAMES
+from ..features import FEATURE_NAMES, wide_ring_centre
 from ..geometry import Geometry
-from .beam import beam_state, offset_evidence
+from .beam import OFFSET_MIN_PX, beam_state, offset_evidence
 from .detector import fault_evidence, saturation_evidence
 from .ice import centred_ring_profile, ice_ring_evidence, ice_verdict, sampled_profile
 
@@ -34,11 +34,24 @@ _FAULT_SUSPECT_P, _FAULT_SUSPECT_ZERO_EXCESS = 0.1, 0.08
 #: flag alone (near the beam a thick beamstop shadow can read zero).
 _FAULT_RAISE_MIN_R_PX = 100.0
 _TILE_ZERO_EXCESS = FEATURE_NAMES.index("tile_zero_excess_max")
-#: A proposed ``ice_rings`` is also confirmed when the shift-tolerant sector
-#: search (second-best and median of 16 sectors) reaches this significance
-#: (real frames without ice: <= 6.3 and <= 4.4).
-_ICE_SECTOR = (FEATURE_NAMES.index("ice_sector_sig_2nd"), FEATURE_NAMES.index("ice_sector_sig_median"))
-_ICE_SECTOR_SIG = 9.0
+#: A proposed ``ice_rings`` is also confirmed by the features' wide ring-centre
+#: search (rings around a beam far off the believed centre, which the
+#: full-resolution evidence does not search) at this Poisson z (real frames
+#: without ice: <= 8.8, the strong PILATUS hit: spots; rings around a beam
+#: 80-130 px off on simulated frames: 18-230) ...
+_ICE_WIDE = FEATURE_NAMES.index("ice_wide_z")
+_ICE_WIDE_Z = 15.0
+#: ... when its centre is this far (px) from the believed one (nearer, the
+#: full-resolution profile is the better judge).
+_ICE_WIDE_MIN_OFFSET_PX = 12.0
+#: Ice rings measure the beam position when no shadow can be seen: their
+#: wide-search centre at this z and this gain over the believed centre
+#: (real frames without ice: z <= 8.8).
+_RING_CENTRE_Z, _RING_CENTRE_GAIN = 20.0, 10.0
+#: ``blank`` and ``no_beam`` exclude each other; when the model gives them
+#: this much together without proposing either (e.g. 0.49 + 0.40 on a dark
+#: frame with hot pixels), the beam verdict decides as for a proposal.
+_NO_DIFFRACTION_P = 0.75
 #: The features' full-resolution z of the three strongest ice lines (signed log1p).
 _ICE_RING_Z = tuple(FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n.startswith("ice_ring_z_") and n.endswith("A"))
 _SPARSE_ROW_STEP = 4
@@ -82,12 +95,28 @@ class Assessment:
         return "; ".join(parts)
 
 
+def ring_centre_evidence(off: dict, wide: dict | None) -> dict:
+    """Beam-offset evidence ``off`` (no shadow seen) completed by the ice rings'
+    centre from :func:`edge.features.wide_ring_centre`, when it is clear
+    (:data:`_RING_CENTRE_Z`, :data:`_RING_CENTRE_GAIN`)."""
+    if not wide or wide["z"] < _RING_CENTRE_Z or wide["z"] - wide["z_at_believed_centre"] < _RING_CENTRE_GAIN:
+        return off
+    dx, dy = wide["centre_offset_px"]
+    dist = float(np.hypot(dx, dy))
+    verdict = "off_centre" if dist >= OFFSET_MIN_PX else "centred"
+    return {**off, "verdict": verdict, "offset_px": [round(dx, 1), round(dy, 1)], "offset_abs_px": round(dist, 1),
+            "measured_by": "ice-ring centre", "ring_centre_z": round(wide["z"], 1),
+            "reason": f"no beamstop shadow; the ice rings are centred {dist:.0f} px from the believed centre "
+                      f"(z {wide['z']:.0f})"}
+
+
 def _why(cls: str, ev: dict) -> str:
     if cls == "ice_rings":
         found = [r for r in ev.get("rings", []) if r["found"]]
         if not found and ev.get("verdict") == "rings":
-            return "rings off the believed centre: sector significance {:.0f} (2nd), {:.0f} (median)".format(
-                *ev["sector_significance_2nd_median"])
+            dx, dy = ev.get("ring_centre_offset_px", (0.0, 0.0))
+            return (f"ice lines around a ring centre ({dx:+.0f}, {dy:+.0f}) px from the believed beam centre "
+                    f"(wide search, z {ev.get('wide_search_z') or 0:.0f})")
         if not found:
             return "no ring above background" if ev.get("rings") else "no ice line on the detector"
         txt = "rings at " + ", ".join(f"{r['d_A']:.2f} A (x{r['contrast']:.2f}, z {r['z']:.0f})" for r in found)
@@ -119,17 +148,20 @@ class EvidenceGate:
     * ``ice_rings`` needs at least one ice line found (:mod:`.ice`; in the
       full profile around the best-fitting ring centre within 12 px of the
       believed one, :func:`.ice.centred_ring_profile`) or,
-      for rings smeared by a larger centre error, the features' shift-tolerant
-      sector search at significance >= 9 in most sectors; the
-      3.90 A line clearly found with another strong line agreeing raise it
-      even when the model did not propose it (:func:`.ice.ice_verdict`);
-    * a proposed ``no_beam`` or ``blank`` becomes the beam verdict
-      (:func:`.beam.beam_state`): ``no_beam``, ``blank`` or nothing (a frame
-      with diffraction); on a frame whose beam is confirmed off centre the
+      for rings around a beam further off, the features' wide ring-centre
+      search (:func:`edge.features.wide_ring_centre`, +-160 px) at z >= 15
+      around a centre > 12 px away; the 3.90 A line clearly found with
+      another strong line agreeing raise it even when the model did not
+      propose it (:func:`.ice.ice_verdict`);
+    * a proposed ``no_beam`` or ``blank`` (or the two at >= 0.75 together)
+      becomes the beam verdict (:func:`.beam.beam_state`): ``no_beam``,
+      ``blank`` or nothing (a frame with diffraction); on a frame whose beam is confirmed off centre the
       peak count does not overrule a proposed ``blank`` (fake peaks of a
       misplaced background model);
     * ``beam_off_center`` needs a measured offset >= 25 px with enough
-      counts near the beam (never on "cannot judge");
+      counts near the beam (never on "cannot judge"); where no shadow is
+      found, ice rings whose wide-search centre is clear (z >= 20, 10 above
+      the believed centre's) measure the beam instead;
     * ``saturation`` needs saturated peaks or clustered saturated pixels;
     * ``detector_fault`` needs a dead region or a fault indicator beyond
       its limit (:data:`.detector.FAULT_LIMITS`); a dead region (64 px
@@ -192,15 +224,20 @@ class EvidenceGate:
             profile, centre = "sampled", (0.0, 0.0)
         found = [r for r in ice if r["found"]]
         confirms, raises = ice_verdict(ice)
-        # rings around a beam a few px off the believed centre are smeared in
-        # the azimuthal profile; the features' shift-tolerant sector search
-        # still sees them; it backs a proposal, it does not raise one
-        sector = [float(np.expm1(features[k])) for k in _ICE_SECTOR]
-        shifted = min(sector) >= _ICE_SECTOR_SIG and "ice_rings" in proposed
+        # rings around a beam far off the believed centre are smeared in the
+        # azimuthal profile; the features' wide ring-centre search still sees
+        # them: it backs a proposal, it does not raise one
+        wide = None
+        if "ice_rings" in proposed and not confirms and float(np.expm1(features[_ICE_WIDE])) >= _ICE_WIDE_Z:
+            wide = wide_ring_centre(frame, geometry, stats=stats)
+        shifted = bool(wide and wide["z"] >= _ICE_WIDE_Z
+                       and np.hypot(*wide["centre_offset_px"]) > _ICE_WIDE_MIN_OFFSET_PX)
+        if shifted:
+            centre = wide["centre_offset_px"]
         ice_ev = {"verdict": "rings" if (confirms or raises or shifted) else ("none" if ice else "cannot_judge"),
-                  "profile": profile, "found_d_A": [r["d_A"] for r in found],
+                  "profile": "wide search" if shifted else profile, "found_d_A": [r["d_A"] for r in found],
                   "ring_centre_offset_px": [round(v, 1) for v in centre],
-                  "sector_significance_2nd_median": [round(v, 2) for v in sector],
+                  "wide_search_z": round(wide["z"], 2) if wide else None,
                   "rings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in ice]}
         confirms = confirms or shifted
         if (confirms and "ice_rings" in proposed) or raises:
@@ -219,11 +256,18 @@ class EvidenceGate:
             elif callable(beam_offset):
                 beam_offset = beam_offset()
             off = offset_evidence(beam_offset, stats)
+            if off["verdict"] == "cannot_judge" and float(np.expm1(features[_ICE_WIDE])) >= _RING_CENTRE_Z:
+                # no shadow to measure, but ice rings fix the beam: their centre
+                wide = wide or wide_ring_centre(frame, geometry, stats=stats)
+                off = ring_centre_evidence(off, wide)
             ev["beam_off_center"] = off
             if off["verdict"] == "off_centre":
                 flags.append("beam_off_center")
-        # no beam / blank: the beam verdict decides between them
-        if "no_beam" in proposed or "blank" in proposed:
+        # no beam / blank: the beam verdict decides between them, also when
+        # the model is sure there is no diffraction but split on which
+        no_diffraction = (float(probabilities.get("blank", 0.0)) + float(probabilities.get("no_beam", 0.0))
+                          >= _NO_DIFFRACTION_P)
+        if "no_beam" in proposed or "blank" in proposed or no_diffraction:
             if beam["background_counts_per_px"] < _SPARSE_LEVEL:
                 arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
                 prof = sampled_profile(arr, stats, row_step=_SPARSE_ROW_STEP, lo_valid=lo, hi_valid=hi)

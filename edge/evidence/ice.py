@@ -365,8 +365,8 @@ def _centre_search(s, c, b0, width, lines, half, flank, gap, search, step, min_g
         lo, hi, st = (-n, n + 1, step) if pass_ == 0 else (-2, 3, 1.0)
         for iy in range(lo, hi):
             for ix in range(lo, hi):
-                ox = (cx if pass_ else 0.0) + ix * st
-                oy = (cy if pass_ else 0.0) + iy * st
+                ox = cx + ix * st
+                oy = cy + iy * st
                 if ox * ox + oy * oy > search * search or (ix == 0 and iy == 0):
                     continue
                 for q in range(nsect):
