@@ -103,8 +103,9 @@ def test_sparse_eiger_frame_is_diffraction_not_no_beam(results, frames):
     assert ev["clear_peaks"] >= 10
 
 
-def _gate_with_proposal(frame, geom, cls, p=0.99):
-    """The evidence gate on a frame as if the model had proposed ``cls``."""
+def _gate_with_proposal(frame, geom, cls, p=0.99, **measured):
+    """The evidence gate on a frame as if the model had proposed ``cls``
+    (``measured``: e.g. ``beam_offset=None``, no shadow found)."""
     from edge.anomaly_data import CLASSES
     from edge.features import frame_features
 
@@ -112,7 +113,7 @@ def _gate_with_proposal(frame, geom, cls, p=0.99):
     peaks = find_peaks(frame, geometry=geom, stats=stats)
     f = frame_features(frame, geom, stats=stats, peaks=peaks)
     probs = {c: (p if c == cls else 0.0) for c in CLASSES}
-    return EvidenceGate()(probs, (cls,), frame, geom, stats=stats, peaks=peaks, features=f)
+    return EvidenceGate()(probs, (cls,), frame, geom, stats=stats, peaks=peaks, features=f, **measured)
 
 
 def test_real_blank_evidence(results):
@@ -297,25 +298,12 @@ def test_ice_around_a_beam_far_off_the_believed_centre_on_real_blank(frames):
     assert ev["ring_centre_offset_px"] == [round(v, 1) for v in wide["centre_offset_px"]]
     assert "ice lines around a ring centre (+80, -60) px from the believed beam centre" in a.summary()
     # the same frame, beam_off_center proposed and no shadow found
-    from edge.anomaly_data import CLASSES
-    from edge.features import frame_features
-
-    stats = radial_stats(iced, geometry=geom)
-    peaks = find_peaks(iced, geometry=geom, stats=stats)
-    f = frame_features(iced, geom, stats=stats, peaks=peaks)
-    probs = {c: 0.0 for c in CLASSES}
-    b = EvidenceGate()(probs, ("beam_off_center",), iced, geom, stats=stats, peaks=peaks, features=f,
-                       beam_offset=None)
+    b = _gate_with_proposal(iced, geom, "beam_off_center", beam_offset=None)
     off = b.evidence["beam_off_center"]
     assert "beam_off_center" in b.flags and off["measured_by"] == "ice-ring centre", off
     assert off["offset_abs_px"] == pytest.approx(100.0, abs=3.0)
     # without rings, no shadow is still "cannot judge"
-    c = _gate_with_proposal(frame, geom, "beam_off_center")
-    stats0 = radial_stats(frame, geometry=geom)
-    peaks0 = find_peaks(frame, geometry=geom, stats=stats0)
-    f0 = frame_features(frame, geom, stats=stats0, peaks=peaks0)
-    c = EvidenceGate()(probs, ("beam_off_center",), frame, geom, stats=stats0, peaks=peaks0, features=f0,
-                       beam_offset=None)
+    c = _gate_with_proposal(frame, geom, "beam_off_center", beam_offset=None)
     assert c.evidence["beam_off_center"]["verdict"] == "cannot_judge" and not c.flags, c.evidence
 
 

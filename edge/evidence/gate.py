@@ -227,8 +227,8 @@ class EvidenceGate:
         # rings around a beam far off the believed centre are smeared in the
         # azimuthal profile; the features' wide ring-centre search still sees
         # them: it backs a proposal, it does not raise one
-        wide = None
-        if "ice_rings" in proposed and not confirms and float(np.expm1(features[_ICE_WIDE])) >= _ICE_WIDE_Z:
+        wide, wide_z = None, float(np.expm1(features[_ICE_WIDE]))
+        if "ice_rings" in proposed and not confirms and wide_z >= _ICE_WIDE_Z:
             wide = wide_ring_centre(frame, geometry, stats=stats)
         shifted = bool(wide and wide["z"] >= _ICE_WIDE_Z
                        and np.hypot(*wide["centre_offset_px"]) > _ICE_WIDE_MIN_OFFSET_PX)
@@ -256,7 +256,7 @@ class EvidenceGate:
             elif callable(beam_offset):
                 beam_offset = beam_offset()
             off = offset_evidence(beam_offset, stats)
-            if off["verdict"] == "cannot_judge" and float(np.expm1(features[_ICE_WIDE])) >= _RING_CENTRE_Z:
+            if off["verdict"] == "cannot_judge" and wide_z >= _RING_CENTRE_Z:
                 # no shadow to measure, but ice rings fix the beam: their centre
                 wide = wide or wide_ring_centre(frame, geometry, stats=stats)
                 off = ring_centre_evidence(off, wide)
