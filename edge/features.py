@@ -111,6 +111,8 @@ MIN_SAT_PEAK_PIX = 4
 #: believed centre (the full-resolution ice evidence only searches 12 px).
 ICE_SECTOR_LINES = 3
 ICE_SHIFT_PX = 160
+#: Row sampling step of the features' per-pixel passes (default).
+ROW_STEP = 4
 #: Row step of the sector profiles.
 ICE_ROW_STEP = 4
 #: Azimuthal sectors of the wide search (5.625 degrees each: a ring centre d
@@ -720,14 +722,18 @@ def _sector_line_sig(acc, nb, flank_in, flank_out):
     ``acc`` from :func:`_sector_profiles`. The significance of a ring at bin
     ``r`` is (mean of bins r-1..r+1 - mean of the flanks ``flank_in..flank_out``
     bins away on both sides) / Poisson noise of that 3-bin mean at the flank
-    level; it is NaN where either has fewer than 8 pixels.
+    level; it is undefined where either has fewer than 8 pixels.
 
     Returns
     -------
     sig : float64 (N_ICE_SECTORS, nb)
+        0 where undefined.
+    defined : float64 (N_ICE_SECTORS, nb)
+        1 where ``sig`` is defined, else 0 (terms of a centre's score).
     """
     ns = acc.shape[1] // nb
-    sig = np.full((ns, nb), np.nan)
+    sig = np.zeros((ns, nb))
+    defined = np.zeros((ns, nb))
     cn = np.zeros(nb + 1)
     cz = np.zeros(nb + 1)
     for s in range(ns):
@@ -744,7 +750,8 @@ def _sector_line_sig(acc, nb, flank_in, flank_out):
             z3 = (cz[r + 2] - cz[r - 1]) / n3
             zf = ((cz[r - flank_in + 1] - cz[r - flank_out]) + (cz[r + flank_out + 1] - cz[r + flank_in])) / nf
             sig[s, r] = (z3 - zf) * math.sqrt(n3 / max(zf, 0.25))
-    return sig
+            defined[s, r] = 1.0
+    return sig, defined
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -773,13 +780,14 @@ def _centre_score(tab, cnt, line_rad, b_lo, ux, uy, ox, oy, sstep):
 
 
 @njit(cache=True, nogil=True)
-def _ice_centre_search(sig, line_rad, b_lo, ux, uy, shift, step):
+def _ice_centre_search(tab, cnt, line_rad, b_lo, ux, uy, shift, step):
     """Ring centre within ``shift`` bins of the believed one that best fits the ice lines.
 
-    ``sig`` (from :func:`_sector_line_sig`) covers rings ``b_lo..``; the
+    ``tab``, ``cnt`` (significance and where it is defined, from
+    :func:`_sector_line_sig`) cover rings ``b_lo..``; the
     lines have radii ``line_rad`` (bins) around the true beam. The score of a
     centre is the sum over sectors (unit directions (ux, uy)) and lines of
-    ``sig`` where the line crosses the sector's ray (:func:`_centre_score`),
+    ``tab`` where the line crosses the sector's ray (:func:`_centre_score`),
     divided by sqrt(number of terms): a Poisson z. Centres are tried on a
     grid of ``step`` bins in every other sector, each term taking its best
     within +-step/2 bins, then on a 1-bin grid in all sectors around the best.
@@ -789,17 +797,10 @@ def _ice_centre_search(sig, line_rad, b_lo, ux, uy, shift, step):
     best, ox, oy, at_believed : float
         Best score and its centre (bins), and the score of (0, 0).
     """
-    ns, nb = sig.shape
+    ns, nb = tab.shape
     half = step // 2
-    tab = np.zeros((ns, nb))
-    cnt = np.zeros((ns, nb))
-    for s in range(ns):
-        for r in range(nb):
-            if not math.isnan(sig[s, r]):
-                tab[s, r] = sig[s, r]
-                cnt[s, r] = 1.0
     # coarse tables (every other sector): the best within +-half bins, a
-    # term only where sig is defined; running max over blocks of the window
+    # term only where the significance is defined; running max over blocks of the window
     # (van Herk / Gil-Werman) on the row padded with -inf by half each side
     ctab = np.zeros((ns, nb))
     ccnt = np.zeros((ns, nb))
@@ -942,8 +943,9 @@ def _wide_ring_search(arr, geometry: Geometry, stats: RadialStats, tab: np.ndarr
     bx, by = geometry.beam_center
     acc = _sector_profiles(arr, stats.bins.index, tab[:, 0], 1.0 / tab[:, 2], float(bx), float(by), int(b_lo),
                            int(b_hi), width, float(lo_valid), float(hi_valid), int(ICE_ROW_STEP), _nchunks())
-    sig = _sector_line_sig(acc, int(b_hi - b_lo), max(int(round(6 / width)), 2), max(int(round(20 / width)), 4))
-    best, ox, oy, at0 = _ice_centre_search(sig, line_off + b_lo, float(b_lo), _SECTOR_UX, _SECTOR_UY,
+    sig, defined = _sector_line_sig(acc, int(b_hi - b_lo), max(int(round(6 / width)), 2),
+                                    max(int(round(20 / width)), 4))
+    best, ox, oy, at0 = _ice_centre_search(sig, defined, line_off + b_lo, float(b_lo), _SECTOR_UX, _SECTOR_UY,
                                            int(round(ICE_SHIFT_PX / width)),
                                            max(int(round(ICE_SEARCH_STEP_PX / width)), 2))
     return float(best), float(ox * width), float(oy * width), float(at0)
@@ -953,7 +955,7 @@ def _wide_ring_search(arr, geometry: Geometry, stats: RadialStats, tab: np.ndarr
 # Public API
 # ---------------------------------------------------------------------------
 def frame_features(frame: np.ndarray, geometry: Geometry, *, stats: RadialStats | None = None,
-                   peaks=None, row_step: int = 4) -> np.ndarray:
+                   peaks=None, row_step: int = ROW_STEP) -> np.ndarray:
     """Anomaly-model input vector of one frame.
 
     Parameters
@@ -1075,7 +1077,7 @@ def _ice_ring_z(arr, geometry: Geometry, stats: RadialStats, peaks, lo_valid: fl
 
 def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: RadialStats, peaks, *,
                               lo_valid: float = 0.0, hi_valid: float = 1.0e300,
-                              row_step: int = 4) -> np.ndarray:
+                              row_step: int = ROW_STEP) -> np.ndarray:
     """:func:`frame_features` for an already validated kernel-dtype frame (no checks)."""
     rbin, (seg, row_ptr), line_r, (b_lo, b_hi, line_off) = _tables(geometry, stats, row_step)
     tab = _ring_table(stats)
@@ -1278,7 +1280,8 @@ def wide_ring_centre(frame: np.ndarray, geometry: Geometry, *, stats: RadialStat
     arr, _, lo, hi = prepare_frame(frame, geometry=geometry)
     if stats is None:
         stats = radial_stats(arr, geometry=geometry)
-    wide = _wide_ring_search(arr, geometry, stats, _ring_table(stats), _tables(geometry, stats, 4)[3], lo, hi)
+    # the ring band does not depend on the row step: the features' tables (cached) serve
+    wide = _wide_ring_search(arr, geometry, stats, _ring_table(stats), _tables(geometry, stats, ROW_STEP)[3], lo, hi)
     if wide is None:
         return None
     best, ox, oy, at0 = wide
