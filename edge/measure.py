@@ -181,40 +181,67 @@ def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return cx, cy, float(np.sqrt(max(c + cx * cx + cy * cy, 0.0)))
 
 
+#: A block of :func:`find_dead_regions` reading 0 counts as evidence only
+#: when the background expects at least this many counts in it (a chance
+#: of 5 %); each block pays this much of its expectation, so that groups of
+#: blocks that are empty by chance, which are more likely the more shapes a
+#: group can take, do not add up to a dead region on very sparse frames.
+DEAD_TILE_MIN_EXPECTED = 3.0
+
+
 def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
                       min_expected: float = 30.0) -> list[tuple[int, int, int, int]]:
     """Regions that read zero although the background predicts counts.
 
-    The frame is cut into ``tile`` x ``tile`` blocks; a block is dead when its
-    valid pixels sum to zero while the ring background expects at least
-    ``min_expected`` counts there (Poisson chance ``exp(-min_expected)``).
-    Dead blocks are merged into bounding boxes of 8-connected groups.
+    The frame is cut into ``tile`` x ``tile`` blocks. Blocks whose valid
+    pixels sum to zero although the background expects at least
+    :data:`DEAD_TILE_MIN_EXPECTED` counts in each are grouped (8-connected),
+    and a group is a dead region when its blocks' expected counts, less
+    :data:`DEAD_TILE_MIN_EXPECTED` each, add up to ``min_expected`` (Poisson
+    chance below ``exp(-min_expected)`` even after choosing the group's
+    shape among all possible ones). The expected counts per pixel are the
+    larger of the ring's clipped mean and ``-ln`` of the fraction of its
+    pixels reading 0: on mostly-empty photon-counting frames the clipped
+    mean reads 0 while the zero fraction still measures the rate (a dead
+    area in the ring only lowers that estimate).
 
     Returns
     -------
     list of (row0, row1, col0, col1)
-        Half-open pixel boxes.
+        Half-open pixel boxes of the groups' bounding boxes.
     """
+    return [r[0] for r in _dead_regions(frame, geometry, stats=stats, tile=tile, min_expected=min_expected)]
+
+
+def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
+                  min_expected: float = 30.0) -> list[tuple[tuple[int, int, int, int], float]]:
+    """:func:`find_dead_regions` with each region's expected counts."""
     arr, msk, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
     if stats is None:
         stats = radial_stats(arr, geometry=geometry)
     ny, nx = arr.shape
+    nb = stats.bins.nbins
     idx = stats.bins.index
-    inside = idx < stats.bins.nbins
+    inside = idx < nb
     f = arr.astype(np.float64)
     with np.errstate(invalid="ignore"):
         ok = inside & np.isfinite(f) & (f >= lo_valid) & (f <= hi_valid)
-    mean = np.nan_to_num(stats.mean, nan=0.0)
-    expected = np.where(ok, mean[np.minimum(idx, stats.bins.nbins - 1)], 0.0)
+    ring = np.minimum(idx, nb - 1)
+    n_ring = np.bincount(ring[ok], minlength=nb).astype(np.float64)
+    z_ring = np.bincount(ring[ok], weights=(f[ok] == 0).astype(np.float64), minlength=nb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate0 = np.where(n_ring > 0, -np.log(np.clip(z_ring / np.maximum(n_ring, 1.0), 1e-12, 1.0)), 0.0)
+    rate = np.maximum(np.nan_to_num(stats.mean, nan=0.0), rate0)
+    expected = np.where(ok, rate[ring], 0.0)
     counts = np.where(ok, f, 0.0)
     ty, tx = -(-ny // tile), -(-nx // tile)
     pad = ((0, ty * tile - ny), (0, tx * tile - nx))
     tsum = np.pad(counts, pad).reshape(ty, tile, tx, tile).sum(axis=(1, 3))
     texp = np.pad(expected, pad).reshape(ty, tile, tx, tile).sum(axis=(1, 3))
-    dead = (tsum == 0) & (texp >= min_expected)
-    boxes = []
-    seen = np.zeros_like(dead)
-    for i, j in zip(*np.nonzero(dead)):
+    empty = (tsum == 0) & (texp >= DEAD_TILE_MIN_EXPECTED)
+    out = []
+    seen = np.zeros_like(empty)
+    for i, j in zip(*np.nonzero(empty)):
         if seen[i, j]:
             continue
         stack, members = [(i, j)], []
@@ -225,11 +252,15 @@ def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = 
             for da in (-1, 0, 1):
                 for db in (-1, 0, 1):
                     p, q = a + da, b + db
-                    if 0 <= p < ty and 0 <= q < tx and dead[p, q] and not seen[p, q]:
+                    if 0 <= p < ty and 0 <= q < tx and empty[p, q] and not seen[p, q]:
                         seen[p, q] = True
                         stack.append((p, q))
+        e = float(sum(texp[m] for m in members))
+        if e - DEAD_TILE_MIN_EXPECTED * len(members) < min_expected:
+            continue
         rows = [m[0] for m in members]
         cols = [m[1] for m in members]
-        boxes.append((min(rows) * tile, min((max(rows) + 1) * tile, ny),
-                      min(cols) * tile, min((max(cols) + 1) * tile, nx)))
-    return boxes
+        out.append(((min(rows) * tile, min((max(rows) + 1) * tile, ny),
+                     min(cols) * tile, min((max(cols) + 1) * tile, nx)), e))
+    out.sort(key=lambda r: -r[1])
+    return out

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge import radial_stats
 from edge.measure import _chamfer_distance, find_dead_regions, measure_beam_center, measure_beam_offset
 from edge.sim import simulate
 
@@ -74,3 +75,21 @@ def test_dead_module_is_found_and_clean_frames_have_none():
     assert not (in_box & sf.geometry.valid & ~in_module).any()
     assert (in_box & in_module).sum() > 0.8 * in_module.sum()
     assert find_dead_regions(simulate(layout="4m", seed=4).frame, sf.geometry) == []
+
+
+def test_dead_module_on_a_mostly_empty_frame_is_found():
+    """At 0.01 counts/px the clipped ring means read 0; the rings' zero
+    fractions still expect ~2,500 counts in a 4M module."""
+    kw = dict(layout="4m", seed=4, background=0.01, n_spots=100)
+    sf = simulate(dead_modules=1, **kw)
+    stats = radial_stats(sf.frame, geometry=sf.geometry)
+    assert np.nanmax(stats.mean) == 0.0  # the case the zero fractions are for
+    dead_modules = [b for b in _module_boxes("4m") if np.mean(sf.frame[b[0]:b[1], b[2]:b[3]] > 0) < 1e-3]
+    assert len(dead_modules) == 1
+    m0, m1, n0, n1 = dead_modules[0]
+    boxes = find_dead_regions(sf.frame, sf.geometry, stats=stats)
+    assert len(boxes) == 1
+    r0, r1, c0, c1 = boxes[0]
+    overlap = max(0, min(r1, m1) - max(r0, m0)) * max(0, min(c1, n1) - max(c0, n0))
+    assert overlap > 0.6 * (m1 - m0) * (n1 - n0)
+    assert find_dead_regions(simulate(**kw).frame, sf.geometry) == []

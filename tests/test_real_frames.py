@@ -352,6 +352,62 @@ def test_zeroed_module_on_real_frame_is_detector_fault(model, frames, key):
     assert r0 < 407 and r1 > 212 and c0 < 981 and c1 > 494  # overlaps the zeroed module
 
 
+#: Other exposures of the same samples (binomial thinning, a shorter
+#: exposure): the hits keep no flag down to 1/20 of their exposure (0.2
+#: counts/px, the low-background regime), the blank stays blank only, and
+#: the EIGER frame keeps no flag at half its exposure (0.0013 counts/px).
+THINNED = [("strong1", 0.25), ("strong1", 0.05), ("weak", 0.25), ("weak", 0.05),
+           ("blank", 0.25), ("blank", 0.05), ("eiger16m", 0.5)]
+
+
+@pytest.mark.parametrize(("key", "fraction"), THINNED)
+def test_shorter_exposure_keeps_the_label(model, frames, key, fraction):
+    frame, geom = frames[key]
+    r = _classify(model, _thin(frame, fraction, seed=11), geom)
+    assert r.flags == EXPECTED[key], (r.probabilities, r.assessment.summary())
+
+
+@pytest.mark.parametrize("key", ["strong1", "weak", "blank"])
+def test_beam_centre_a_few_px_off_in_the_header_keeps_the_label(model, frames, key):
+    """A header beam centre 3.6 px off (a typical calibration error), in the
+    direction that moves the measured shadow offset from 14 to ~17.5 px (the
+    limit is 25 px)."""
+    frame, geom = frames[key]
+    bx, by = geom.beam_center
+    r = _classify(model, frame, geom.with_beam_center((bx - 3.0, by + 2.0)))
+    assert r.flags == EXPECTED[key], (r.probabilities, r.assessment.summary())
+
+
+def test_zeroed_module_on_sparse_eiger_frame_is_detector_fault(model, frames):
+    """An EIGER module (514 x 1030 px) reading zero on the 0.003 counts/px
+    frame: about 1,250 photons missing, so a fault, and nothing else."""
+    frame, geom = frames["eiger16m"]
+    broken = frame.copy()
+    rows, cols = slice(550, 1062), slice(1040, 2068)  # module (1, 1) of the 16M
+    broken[rows, cols] = np.where(broken[rows, cols] >= 0, 0, broken[rows, cols])
+    r = _classify(model, broken, geom)
+    assert r.flags == ("detector_fault",), (r.probabilities, r.assessment.summary())
+    # the clipped ring means read 0 here; the rings' zero fractions still
+    # place the region (before: a fault with no region named)
+    regions = r.assessment.evidence["detector_fault"]["dead_regions"]
+    assert len(regions) == 1
+    r0, r1, c0, c1 = regions[0]
+    assert 550 <= r0 + 64 and r1 - 64 <= 1062 and 1040 <= c0 + 64 and c1 - 64 <= 2068  # within a block of the module
+    assert (r1 - r0) * (c1 - c0) > 0.8 * 512 * 1028
+
+
+@pytest.mark.parametrize(("key", "fraction"), [("eiger16m", 1.0), ("eiger16m", 0.5), ("eiger16m", 0.25),
+                                               ("eiger16m", 0.1), ("blank", 0.05), ("weak", 1.0)])
+def test_no_dead_region_on_real_frames_at_any_exposure(frames, key, fraction):
+    """Down to 0.0003 counts/px most 64 px blocks of the EIGER frame read 0
+    by chance; groups of them must not add up to a dead region."""
+    from edge.measure import find_dead_regions
+
+    frame, geom = frames[key]
+    thinned = frame if fraction == 1.0 else _thin(frame, fraction, seed=3)
+    assert find_dead_regions(thinned, geom) == []
+
+
 def test_sparse_frame_thinned_to_dark_is_no_beam(model, frames):
     """The EIGER frame thinned 100x (0.00003 counts/px, no spot left): beam off."""
     frame, geom = frames["eiger16m"]

@@ -33,6 +33,11 @@ _FAULT_SUSPECT_P, _FAULT_SUSPECT_ZERO_EXCESS = 0.1, 0.08
 #: ... and a dead region whose centre is this far from the beam raises the
 #: flag alone (near the beam a thick beamstop shadow can read zero).
 _FAULT_RAISE_MIN_R_PX = 100.0
+#: ... and where the clipped ring means expect this many counts: on
+#: mostly-empty frames (means of 0) dead regions are found from the rings'
+#: zero fractions, which a crowd of spots can inflate; there a region backs
+#: a proposal but does not raise the flag alone.
+_FAULT_RAISE_MIN_COUNTS = 30.0
 _TILE_ZERO_EXCESS = FEATURE_NAMES.index("tile_zero_excess_max")
 #: A proposed ``ice_rings`` is also confirmed by the features' wide ring-centre
 #: search (rings around a beam far off the believed centre, which the
@@ -166,7 +171,8 @@ class EvidenceGate:
     * ``detector_fault`` needs a dead region or a fault indicator beyond
       its limit (:data:`.detector.FAULT_LIMITS`); a dead region (64 px
       tiles reading 0 where >= 30 counts are expected) away from the beam
-      raises it alone.
+      raises it alone, except on mostly-empty frames, where only the rings'
+      zero fractions give the expected counts.
 
     Keeps the background level of recent beam-on frames (a beam loss is a
     drop against them), so use one gate per stream.
@@ -301,7 +307,8 @@ class EvidenceGate:
             fault = fault_evidence(features, dead_regions)
             bx, by = geometry.beam_center
             away = [b for b in fault["dead_regions"]
-                    if np.hypot(0.5 * (b[2] + b[3]) - bx, 0.5 * (b[0] + b[1]) - by) > _FAULT_RAISE_MIN_R_PX]
+                    if np.hypot(0.5 * (b[2] + b[3]) - bx, 0.5 * (b[0] + b[1]) - by) > _FAULT_RAISE_MIN_R_PX
+                    and _clipped_expected(b, geometry, stats) >= _FAULT_RAISE_MIN_COUNTS]
             if ("detector_fault" in proposed and fault["verdict"] == "fault") or away:
                 flags.append("detector_fault")
                 ev["detector_fault"] = fault
@@ -314,6 +321,15 @@ class EvidenceGate:
         return Assessment(flags=tuple(flags), proposed=proposed,
                           unconfirmed=tuple(c for c in proposed if c not in flags),
                           raised=tuple(c for c in flags if c not in proposed), evidence=ev)
+
+
+def _clipped_expected(box, geometry: Geometry, stats: RadialStats) -> float:
+    """Counts the clipped ring means expect on the valid pixels of a (row0, row1, col0, col1) box."""
+    r0, r1, c0, c1 = box
+    idx = stats.bins.index[r0:r1, c0:c1]
+    inside = geometry.valid[r0:r1, c0:c1] & (idx < stats.bins.nbins)
+    mean = np.nan_to_num(stats.mean, nan=0.0)
+    return float(mean[idx[inside]].sum())
 
 
 def _times(ratio: float) -> str:
