@@ -90,3 +90,15 @@ def test_local_background(benchmark, frame, threads):
     _group(benchmark, frame, threads)
     _, f, g = frame
     benchmark.pedantic(edge.local_stats, args=(f,), kwargs={"geometry": g}, rounds=5, iterations=1)
+
+
+def test_find_dead_regions(benchmark, frame, threads):
+    """The fault measurement (run on suspect frames, at most every
+    ``measure_every`` frames): two passes over every pixel."""
+    from edge.measure import find_dead_regions
+
+    _group(benchmark, frame, threads)
+    _, f, g = frame
+    stats = radial_stats(f, geometry=g)
+    find_dead_regions(f, g, stats=stats)  # compile
+    benchmark(find_dead_regions, f, g, stats=stats)

@@ -10,9 +10,9 @@ Coordinates follow :mod:`edge.geometry` (``x`` column, ``y`` row, pixels).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .background import RadialStats, prepare_frame, radial_stats
+from .background import RadialStats, _nchunks, prepare_frame, radial_stats
 from .geometry import Geometry
 
 __all__ = ["measure_beam_center", "measure_beam_offset", "find_dead_regions"]
@@ -213,31 +213,82 @@ def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = 
     return [r[0] for r in _dead_regions(frame, geometry, stats=stats, tile=tile, min_expected=min_expected)]
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def _ring_zeros_tile_sums(frame, index, nbins, tile, lo_valid, hi_valid, nchunks):
+    """Valid pixels and pixels reading 0 per ring ``(2, nbins)``, and the
+    valid counts summed per ``tile`` x ``tile`` block ``(ty, tx)``."""
+    ny, nx = frame.shape
+    ty, tx = (ny + tile - 1) // tile, (nx + tile - 1) // tile
+    ring_c = np.zeros((nchunks, 2, nbins))
+    tsum_c = np.zeros((nchunks, ty, tx))
+    for c in prange(nchunks):
+        n_ring, z_ring, tsum = ring_c[c, 0], ring_c[c, 1], tsum_c[c]
+        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            row, irow = frame[i], index[i]
+            ti = i // tile
+            # neighbours share a ring: count a run of one ring in registers
+            # and store it when the ring changes (no store per pixel)
+            cur, cn, cz = nbins, 0.0, 0.0
+            for tj in range(tx):
+                acc = 0.0
+                for j in range(tj * tile, min((tj + 1) * tile, nx)):
+                    b = irow[j]
+                    v = row[j]
+                    if b < nbins and v >= lo_valid and v <= hi_valid:  # NaN fails both
+                        if b != cur:
+                            if cur < nbins:
+                                n_ring[cur] += cn
+                                z_ring[cur] += cz
+                            cur, cn, cz = b, 0.0, 0.0
+                        cn += 1.0
+                        cz += 1.0 if v == 0 else 0.0
+                        acc += v
+                tsum[ti, tj] += acc
+            if cur < nbins:
+                n_ring[cur] += cn
+                z_ring[cur] += cz
+    return ring_c.sum(axis=0), tsum_c.sum(axis=0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _tile_expected(frame, index, rate, tile, lo_valid, hi_valid, nchunks):
+    """Expected counts ``rate[ring]`` summed over the valid pixels of each block."""
+    ny, nx = frame.shape
+    nbins = rate.shape[0]
+    ty, tx = (ny + tile - 1) // tile, (nx + tile - 1) // tile
+    texp_c = np.zeros((nchunks, ty, tx))
+    for c in prange(nchunks):
+        texp = texp_c[c]
+        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
+            row, irow = frame[i], index[i]
+            ti = i // tile
+            for tj in range(tx):
+                acc = 0.0
+                for j in range(tj * tile, min((tj + 1) * tile, nx)):
+                    b = irow[j]
+                    v = row[j]
+                    if b < nbins and v >= lo_valid and v <= hi_valid:
+                        acc += rate[b]
+                texp[ti, tj] += acc
+    return texp_c.sum(axis=0)
+
+
 def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
                   min_expected: float = 30.0) -> list[tuple[tuple[int, int, int, int], float]]:
     """:func:`find_dead_regions` with each region's expected counts."""
-    arr, msk, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
+    arr, _, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
     if stats is None:
         stats = radial_stats(arr, geometry=geometry)
     ny, nx = arr.shape
-    nb = stats.bins.nbins
-    idx = stats.bins.index
-    inside = idx < nb
-    f = arr.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        ok = inside & np.isfinite(f) & (f >= lo_valid) & (f <= hi_valid)
-    ring = np.minimum(idx, nb - 1)
-    n_ring = np.bincount(ring[ok], minlength=nb).astype(np.float64)
-    z_ring = np.bincount(ring[ok], weights=(f[ok] == 0).astype(np.float64), minlength=nb)
+    nb = int(stats.bins.nbins)
+    nch = _nchunks()
+    ring, tsum = _ring_zeros_tile_sums(arr, stats.bins.index, nb, int(tile), float(lo_valid), float(hi_valid), nch)
+    n_ring, z_ring = ring
     with np.errstate(divide="ignore", invalid="ignore"):
         rate0 = np.where(n_ring > 0, -np.log(np.clip(z_ring / np.maximum(n_ring, 1.0), 1e-12, 1.0)), 0.0)
     rate = np.maximum(np.nan_to_num(stats.mean, nan=0.0), rate0)
-    expected = np.where(ok, rate[ring], 0.0)
-    counts = np.where(ok, f, 0.0)
-    ty, tx = -(-ny // tile), -(-nx // tile)
-    pad = ((0, ty * tile - ny), (0, tx * tile - nx))
-    tsum = np.pad(counts, pad).reshape(ty, tile, tx, tile).sum(axis=(1, 3))
-    texp = np.pad(expected, pad).reshape(ty, tile, tx, tile).sum(axis=(1, 3))
+    texp = _tile_expected(arr, stats.bins.index, rate, int(tile), float(lo_valid), float(hi_valid), nch)
+    ty, tx = tsum.shape
     empty = (tsum == 0) & (texp >= DEAD_TILE_MIN_EXPECTED)
     out = []
     seen = np.zeros_like(empty)
