@@ -10,9 +10,9 @@ Coordinates follow :mod:`edge.geometry` (``x`` column, ``y`` row, pixels).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .background import RadialStats, _nchunks, prepare_frame, radial_stats
+from .background import RadialStats, prepare_frame, radial_stats
 from .geometry import Geometry
 
 __all__ = ["measure_beam_center", "measure_beam_offset", "find_dead_regions"]
@@ -213,64 +213,64 @@ def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = 
     return [r[0] for r in _dead_regions(frame, geometry, stats=stats, tile=tile, min_expected=min_expected)]
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _ring_zeros_tile_sums(frame, index, nbins, tile, lo_valid, hi_valid, nchunks):
+@njit(cache=True, nogil=True)
+def _ring_zeros_tile_sums(frame, index, nbins, tile, lo_valid, hi_valid):
     """Valid pixels and pixels reading 0 per ring ``(2, nbins)``, and the
-    valid counts summed per ``tile`` x ``tile`` block ``(ty, tx)``."""
+    valid counts summed per ``tile`` x ``tile`` block ``(ty, tx)``.
+
+    One thread on purpose: it runs beside the pipeline's workers (which
+    hold the cores) on the thread that orders their results."""
     ny, nx = frame.shape
     ty, tx = (ny + tile - 1) // tile, (nx + tile - 1) // tile
-    ring_c = np.zeros((nchunks, 2, nbins))
-    tsum_c = np.zeros((nchunks, ty, tx))
-    for c in prange(nchunks):
-        n_ring, z_ring, tsum = ring_c[c, 0], ring_c[c, 1], tsum_c[c]
-        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
-            row, irow = frame[i], index[i]
-            ti = i // tile
-            # neighbours share a ring: count a run of one ring in registers
-            # and store it when the ring changes (no store per pixel)
-            cur, cn, cz = nbins, 0.0, 0.0
-            for tj in range(tx):
-                acc = 0.0
-                for j in range(tj * tile, min((tj + 1) * tile, nx)):
-                    b = irow[j]
-                    v = row[j]
-                    if b < nbins and v >= lo_valid and v <= hi_valid:  # NaN fails both
-                        if b != cur:
-                            if cur < nbins:
-                                n_ring[cur] += cn
-                                z_ring[cur] += cz
-                            cur, cn, cz = b, 0.0, 0.0
-                        cn += 1.0
-                        cz += 1.0 if v == 0 else 0.0
-                        acc += v
-                tsum[ti, tj] += acc
-            if cur < nbins:
-                n_ring[cur] += cn
-                z_ring[cur] += cz
-    return ring_c.sum(axis=0), tsum_c.sum(axis=0)
+    ring = np.zeros((2, nbins))
+    n_ring, z_ring = ring[0], ring[1]
+    tsum = np.zeros((ty, tx))
+    for i in range(ny):
+        row, irow = frame[i], index[i]
+        ti = i // tile
+        # neighbours share a ring: count a run of one ring in registers and
+        # store it when the ring changes (no store per pixel)
+        cur, cn, cz = nbins, 0.0, 0.0
+        for tj in range(tx):
+            acc = 0.0
+            for j in range(tj * tile, min((tj + 1) * tile, nx)):
+                b = irow[j]
+                v = row[j]
+                if b < nbins and v >= lo_valid and v <= hi_valid:  # NaN fails both
+                    if b != cur:
+                        if cur < nbins:
+                            n_ring[cur] += cn
+                            z_ring[cur] += cz
+                        cur, cn, cz = b, 0.0, 0.0
+                    cn += 1.0
+                    cz += 1.0 if v == 0 else 0.0
+                    acc += v
+            tsum[ti, tj] += acc
+        if cur < nbins:
+            n_ring[cur] += cn
+            z_ring[cur] += cz
+    return ring, tsum
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _tile_expected(frame, index, rate, tile, lo_valid, hi_valid, nchunks):
-    """Expected counts ``rate[ring]`` summed over the valid pixels of each block."""
+@njit(cache=True, nogil=True)
+def _tile_expected(frame, index, rate, tile, lo_valid, hi_valid):
+    """Expected counts ``rate[ring]`` summed over the valid pixels of each block (one thread)."""
     ny, nx = frame.shape
     nbins = rate.shape[0]
     ty, tx = (ny + tile - 1) // tile, (nx + tile - 1) // tile
-    texp_c = np.zeros((nchunks, ty, tx))
-    for c in prange(nchunks):
-        texp = texp_c[c]
-        for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
-            row, irow = frame[i], index[i]
-            ti = i // tile
-            for tj in range(tx):
-                acc = 0.0
-                for j in range(tj * tile, min((tj + 1) * tile, nx)):
-                    b = irow[j]
-                    v = row[j]
-                    if b < nbins and v >= lo_valid and v <= hi_valid:
-                        acc += rate[b]
-                texp[ti, tj] += acc
-    return texp_c.sum(axis=0)
+    texp = np.zeros((ty, tx))
+    for i in range(ny):
+        row, irow = frame[i], index[i]
+        ti = i // tile
+        for tj in range(tx):
+            acc = 0.0
+            for j in range(tj * tile, min((tj + 1) * tile, nx)):
+                b = irow[j]
+                v = row[j]
+                if b < nbins and v >= lo_valid and v <= hi_valid:
+                    acc += rate[b]
+            texp[ti, tj] += acc
+    return texp
 
 
 def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
@@ -281,13 +281,12 @@ def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None
         stats = radial_stats(arr, geometry=geometry)
     ny, nx = arr.shape
     nb = int(stats.bins.nbins)
-    nch = _nchunks()
-    ring, tsum = _ring_zeros_tile_sums(arr, stats.bins.index, nb, int(tile), float(lo_valid), float(hi_valid), nch)
+    ring, tsum = _ring_zeros_tile_sums(arr, stats.bins.index, nb, int(tile), float(lo_valid), float(hi_valid))
     n_ring, z_ring = ring
     with np.errstate(divide="ignore", invalid="ignore"):
         rate0 = np.where(n_ring > 0, -np.log(np.clip(z_ring / np.maximum(n_ring, 1.0), 1e-12, 1.0)), 0.0)
     rate = np.maximum(np.nan_to_num(stats.mean, nan=0.0), rate0)
-    texp = _tile_expected(arr, stats.bins.index, rate, int(tile), float(lo_valid), float(hi_valid), nch)
+    texp = _tile_expected(arr, stats.bins.index, rate, int(tile), float(lo_valid), float(hi_valid))
     ty, tx = tsum.shape
     empty = (tsum == 0) & (texp >= DEAD_TILE_MIN_EXPECTED)
     out = []

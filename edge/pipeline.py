@@ -384,7 +384,8 @@ class RunSummary:
         for sr in self.series:
             lines.append(f"series {sr.get('series_id')}: received {sr.get('received')}, processed "
                          f"{sr.get('processed')}, dropped {sr.get('dropped')}, decode errors "
-                         f"{sr.get('decode_errors')}{'' if sr.get('ended') else ' (no end message)'}")
+                         f"{sr.get('decode_errors')}{'' if sr.get('ended') else ' (no end message)'}"
+                         + (f", never arrived {sr['missing']} of {sr.get('number_of_images')}" if sr.get("missing") else ""))
         if self.results_path:
             lines.append(f"results: {self.results_path}")
         return "\n".join(lines)

@@ -48,8 +48,8 @@ def test_dead_region_kernels_match_numpy(ny, nx, tile, dtype, seed):
     frame[rng.random((ny, nx)) < 0.1] = np.nan if dtype == "float32" else -1
     index = rng.integers(0, nbins + 2, (ny, nx)).astype(np.uint16)  # >= nbins: outside
     rate = rng.random(nbins)
-    ring, tsum = _ring_zeros_tile_sums(frame, index, nbins, tile, 0.0, 1e30, 3)
-    texp = _tile_expected(frame, index, rate, tile, 0.0, 1e30, 3)
+    ring, tsum = _ring_zeros_tile_sums(frame, index, nbins, tile, 0.0, 1e30)
+    texp = _tile_expected(frame, index, rate, tile, 0.0, 1e30)
     f = frame.astype(np.float64)
     with np.errstate(invalid="ignore"):
         ok = (index < nbins) & np.isfinite(f) & (f >= 0)

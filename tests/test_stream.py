@@ -238,6 +238,29 @@ def push_process(tmp_path, msgs, delay=0.0):
     return port, proc
 
 
+def test_images_that_never_arrive_are_counted_and_logged(tmp_path, caplog):
+    """The start message announces 5 images, 3 arrive before the end: the
+    series says 2 are missing, in its record, a log line and the run summary."""
+    from edge.pipeline import RunSummary
+
+    ny, nx = 8, 12
+    img = np.ones((ny, nx), np.uint32)
+    msgs = [hand_start(nx, ny, extra=(("number_of_images", uint(5)),)),
+            *(hand_image(i, ny, nx, tag(70, bstr(img.tobytes()))) for i in (0, 1, 3)), hand_end(1)]
+    port, proc = push_process(tmp_path, msgs)
+    with caplog.at_level("WARNING", logger="edge.stream"):
+        with open_source(f"tcp://127.0.0.1:{port}", max_series=1, idle_timeout=30) as src:
+            got = [m.info["image_id"] for _, m in src]
+            (series,) = src.series()
+    proc.communicate(timeout=30)
+    assert got == [0, 1, 3]
+    assert series["number_of_images"] == 5 and series["received"] == 3 and series["missing"] == 2
+    assert series["ended"] and not series["incomplete"]
+    assert any("2 of the 5 images announced never arrived" in r.getMessage() for r in caplog.records)
+    text_ = RunSummary(series=[{**series, "processed": 3}]).table()
+    assert "never arrived 2 of 5" in text_
+
+
 def test_bad_input_is_counted_logged_and_the_stream_goes_on(tmp_path, caplog):
     ny, nx = 16, 24
     img = np.arange(ny * nx, dtype=np.uint32).reshape(ny, nx)

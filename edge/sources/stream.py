@@ -81,12 +81,20 @@ class SeriesStats:
     def decode_errors(self) -> int:
         return sum(self.errors.values())
 
+    @property
+    def missing(self) -> int:
+        """Images the ``start`` message announced that never arrived (sent by
+        nobody, dropped by the sender, or lost with a broken connection)."""
+        if self.number_of_images is None or self.refused is not None:
+            return 0
+        return max(self.number_of_images - self.received, 0)
+
     def to_dict(self) -> dict:
         return {"series_id": self.series_id, "series_unique_id": self.series_unique_id,
                 "number_of_images": self.number_of_images, "received": self.received,
                 "delivered": self.delivered, "dropped": self.dropped, "decode_errors": self.decode_errors,
                 "errors": dict(self.errors), "ended": self.ended, "incomplete": self.incomplete,
-                "refused": self.refused}
+                "missing": self.missing, "refused": self.refused}
 
 
 @dataclass
@@ -625,6 +633,10 @@ class StreamSource(FrameSource):
         if incomplete:
             log.warning("series %s ended without an end message (new start: detector side restarted?)",
                         series.stats.series_id)
+        if series.stats.missing:
+            log.warning("series %s: %d of the %d images announced never arrived (not sent, dropped by the "
+                        "sender, or lost with the connection)", series.stats.series_id, series.stats.missing,
+                        series.stats.number_of_images)
         self._queue.put(("end", series), image=False)
 
     # ------------------------------------------------------------------ consumer side
