@@ -94,8 +94,7 @@ def test_local_background(benchmark, frame, threads):
 
 def test_find_dead_regions(benchmark, frame, threads):
     """The fault measurement (run on suspect frames, at most every
-    ``measure_every`` frames): two single-threaded passes over every pixel
-    (the thread count does not apply)."""
+    ``measure_every`` frames; NumPy, so the thread count does not apply)."""
     from edge.measure import find_dead_regions
 
     _group(benchmark, frame, threads)

@@ -122,9 +122,8 @@ def warmup(dtypes: "Iterable[DTypeLike]" = WARMUP_DTYPES, *, features: bool = Tr
         from .features import warmup as features_warmup
 
         steps += [(f"anomaly features, {dt}", lambda dt=dt: features_warmup((dt.type,))) for dt in kernel_dtypes]
-        steps += [(f"beam and fault measurements, {dt}",
-                   lambda dt=dt: (measure_beam_center(base.astype(dt), geom), find_dead_regions(base.astype(dt), geom)))
-                  for dt in kernel_dtypes]
+        steps.append(("beam and fault measurements", lambda: (measure_beam_center(sf.frame, geom),
+                                                             find_dead_regions(sf.frame, geom))))
     worker = None
 
     class _Progress(event.Listener):  # told only when Numba compiles (a cache miss)

@@ -187,6 +187,10 @@ def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 #: blocks that are empty by chance, which are more likely the more shapes a
 #: group can take, do not add up to a dead region on very sparse frames.
 DEAD_TILE_MIN_EXPECTED = 3.0
+#: Rings with a clipped mean below this (counts/px) also get the rate from
+#: their fraction of pixels reading 0 (a frame without such rings skips that pass).
+SPARSE_RING_MEAN = 1.0
+_EXPECT_ROW_STEP = 4
 
 
 def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
@@ -213,81 +217,40 @@ def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = 
     return [r[0] for r in _dead_regions(frame, geometry, stats=stats, tile=tile, min_expected=min_expected)]
 
 
-@njit(cache=True, nogil=True)
-def _ring_zeros_tile_sums(frame, index, nbins, tile, lo_valid, hi_valid):
-    """Valid pixels and pixels reading 0 per ring ``(2, nbins)``, and the
-    valid counts summed per ``tile`` x ``tile`` block ``(ty, tx)``.
-
-    One thread on purpose: it runs beside the pipeline's workers (which
-    hold the cores) on the thread that orders their results."""
-    ny, nx = frame.shape
-    ty, tx = (ny + tile - 1) // tile, (nx + tile - 1) // tile
-    ring = np.zeros((2, nbins))
-    n_ring, z_ring = ring[0], ring[1]
-    tsum = np.zeros((ty, tx))
-    for i in range(ny):
-        row, irow = frame[i], index[i]
-        ti = i // tile
-        # neighbours share a ring: count a run of one ring in registers and
-        # store it when the ring changes (no store per pixel)
-        cur, cn, cz = nbins, 0.0, 0.0
-        for tj in range(tx):
-            acc = 0.0
-            for j in range(tj * tile, min((tj + 1) * tile, nx)):
-                b = irow[j]
-                v = row[j]
-                if b < nbins and v >= lo_valid and v <= hi_valid:  # NaN fails both
-                    if b != cur:
-                        if cur < nbins:
-                            n_ring[cur] += cn
-                            z_ring[cur] += cz
-                        cur, cn, cz = b, 0.0, 0.0
-                    cn += 1.0
-                    cz += 1.0 if v == 0 else 0.0
-                    acc += v
-            tsum[ti, tj] += acc
-        if cur < nbins:
-            n_ring[cur] += cn
-            z_ring[cur] += cz
-    return ring, tsum
-
-
-@njit(cache=True, nogil=True)
-def _tile_expected(frame, index, rate, tile, lo_valid, hi_valid):
-    """Expected counts ``rate[ring]`` summed over the valid pixels of each block (one thread)."""
-    ny, nx = frame.shape
-    nbins = rate.shape[0]
-    ty, tx = (ny + tile - 1) // tile, (nx + tile - 1) // tile
-    texp = np.zeros((ty, tx))
-    for i in range(ny):
-        row, irow = frame[i], index[i]
-        ti = i // tile
-        for tj in range(tx):
-            acc = 0.0
-            for j in range(tj * tile, min((tj + 1) * tile, nx)):
-                b = irow[j]
-                v = row[j]
-                if b < nbins and v >= lo_valid and v <= hi_valid:
-                    acc += rate[b]
-            texp[ti, tj] += acc
-    return texp
-
-
 def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
                   min_expected: float = 30.0) -> list[tuple[tuple[int, int, int, int], float]]:
     """:func:`find_dead_regions` with each region's expected counts."""
-    arr, _, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
+    arr, msk, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
     if stats is None:
         stats = radial_stats(arr, geometry=geometry)
     ny, nx = arr.shape
-    nb = int(stats.bins.nbins)
-    ring, tsum = _ring_zeros_tile_sums(arr, stats.bins.index, nb, int(tile), float(lo_valid), float(hi_valid))
-    n_ring, z_ring = ring
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate0 = np.where(n_ring > 0, -np.log(np.clip(z_ring / np.maximum(n_ring, 1.0), 1e-12, 1.0)), 0.0)
-    rate = np.maximum(np.nan_to_num(stats.mean, nan=0.0), rate0)
-    texp = _tile_expected(arr, stats.bins.index, rate, int(tile), float(lo_valid), float(hi_valid))
-    ty, tx = tsum.shape
+    nb = stats.bins.nbins
+    idx = stats.bins.index
+    inside = idx < nb
+    f = arr.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = inside & np.isfinite(f) & (f >= lo_valid) & (f <= hi_valid)
+    # the expectation from every 4th row (x 4): rings and blocks hold
+    # thousands of pixels; whether a block reads 0 is checked on every pixel
+    step = _EXPECT_ROW_STEP if tile % _EXPECT_ROW_STEP == 0 else 1
+    ring = np.minimum(idx[::step], nb - 1)
+    ok_s = ok[::step]
+    rate = np.nan_to_num(stats.mean, nan=0.0)
+    if (rate < SPARSE_RING_MEAN).any():
+        # rings whose clipped mean may have lost the counts: their zero fraction
+        n_ring = np.bincount(ring[ok_s], minlength=nb).astype(np.float64)
+        z_ring = np.bincount(ring[ok_s & (f[::step] == 0)], minlength=nb).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate0 = np.where(n_ring > 0, -np.log(np.clip(z_ring / np.maximum(n_ring, 1.0), 1e-12, 1.0)), 0.0)
+        rate = np.maximum(rate, rate0)
+    counts = np.where(ok, f, 0.0)
+    ty, tx = -(-ny // tile), -(-nx // tile)
+    pad = ((0, ty * tile - ny), (0, tx * tile - nx))
+    tsum = np.pad(counts, pad).reshape(ty, tile, tx, tile).sum(axis=(1, 3))
+    expected = np.where(ok_s, rate[ring], 0.0)
+    per_tile = tile // step
+    pad_s = ((0, ty * per_tile - expected.shape[0]), (0, tx * tile - nx))
+    texp = step * np.pad(expected, pad_s).reshape(ty, per_tile, tx, tile).sum(axis=(1, 3))
     empty = (tsum == 0) & (texp >= DEAD_TILE_MIN_EXPECTED)
     out = []
     seen = np.zeros_like(empty)
