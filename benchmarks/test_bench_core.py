@@ -100,5 +100,4 @@ def test_find_dead_regions(benchmark, frame, threads):
     _group(benchmark, frame, threads)
     _, f, g = frame
     stats = radial_stats(f, geometry=g)
-    find_dead_regions(f, g, stats=stats)  # compile
     benchmark(find_dead_regions, f, g, stats=stats)

@@ -187,8 +187,9 @@ def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 #: blocks that are empty by chance, which are more likely the more shapes a
 #: group can take, do not add up to a dead region on very sparse frames.
 DEAD_TILE_MIN_EXPECTED = 3.0
-#: Rings with a clipped mean below this (counts/px) also get the rate from
-#: their fraction of pixels reading 0 (a frame without such rings skips that pass).
+#: When a ring's clipped mean is below this (counts/px), every ring's rate
+#: is also read from its fraction of pixels reading 0 (a frame without such
+#: rings skips that pass).
 SPARSE_RING_MEAN = 1.0
 _EXPECT_ROW_STEP = 4
 
@@ -212,15 +213,10 @@ def find_dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = 
     Returns
     -------
     list of (row0, row1, col0, col1)
-        Half-open pixel boxes of the groups' bounding boxes.
+        Half-open pixel boxes of the groups' bounding boxes, the group
+        expecting the most counts first.
     """
-    return [r[0] for r in _dead_regions(frame, geometry, stats=stats, tile=tile, min_expected=min_expected)]
-
-
-def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None, tile: int = 64,
-                  min_expected: float = 30.0) -> list[tuple[tuple[int, int, int, int], float]]:
-    """:func:`find_dead_regions` with each region's expected counts."""
-    arr, msk, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
+    arr, _, lo_valid, hi_valid = prepare_frame(frame, geometry=geometry)
     if stats is None:
         stats = radial_stats(arr, geometry=geometry)
     ny, nx = arr.shape
@@ -276,4 +272,4 @@ def _dead_regions(frame, geometry: Geometry, *, stats: RadialStats | None = None
         out.append(((min(rows) * tile, min((max(rows) + 1) * tile, ny),
                      min(cols) * tile, min((max(cols) + 1) * tile, nx)), e))
     out.sort(key=lambda r: -r[1])
-    return out
+    return [box for box, _ in out]
