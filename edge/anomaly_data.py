@@ -6,7 +6,7 @@ its feature vector (:func:`edge.features.frame_features`) with the labels.
 Everything is a pure function of the seed, so datasets are reproducible from
 seed ranges alone (see ``models/model_card.json``).
 
-Scenario recipe v6, unchanged in data recipe v7 (v7 changes the features;
+Scenario recipe v6, unchanged in data recipes v7 and v13 (they change the features;
 all draws from ``numpy.random.default_rng([seed, 0xA40])``):
 
 * geometry: layout EIGER 1M (65 %), 4M (15 %), 9M (5 %), 16M (4 %) or

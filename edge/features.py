@@ -49,6 +49,11 @@ geometry-normalised vector of :data:`N_FEATURES` float32 values:
   own numbers);
 * hot readout stripes: the largest fraction of bright pixels in one tile's
   part of a sampled row and in one column within a row band of tiles.
+* an overloaded spot core (0/1): >= :data:`MIN_OVERLOAD_PIXELS` pixels at
+  the cutoff with a 4-neighbour at a quarter of it, read at full resolution
+  in boxes around the saturated peaks (:func:`overload_count`). The anomaly
+  model's members do not read it; only its saturation head does
+  (``models/train.py``).
 
 The per-pixel work is one pass (:func:`_accumulate`) over every
 ``row_step``-th row plus full resolution within :data:`INNER_FULL_PX` of the
@@ -79,6 +84,7 @@ __all__ = [
     "frame_features",
     "frame_features_from_parts",
     "wide_ring_centre",
+    "overload_count",
     "warmup",
     "RADIAL_EDGES_PX",
     "N_SECTORS",
@@ -150,6 +156,13 @@ ICE_PEAK_REL = 0.015
 DEAD_TILE_EXCESS = 0.5
 #: Offset (counts/pixel) in log ratios: keeps dark frames at 0 instead of noise.
 LOG_EPS = 0.1
+#: Overloaded spot core: at least this many pixels at/above the cutoff with a
+#: 4-neighbour at/above a quarter of it, read at full resolution around the
+#: saturated peaks (the rule of the simulated ``saturation`` label).
+MIN_OVERLOAD_PIXELS = 4
+#: Half-size (px) of the box read around a saturated peak's centroid:
+#: floor(sqrt(npix)) + 2, at most this.
+OVERLOAD_BOX_MAX = 24
 
 _T_N, _T_SUMV, _T_SUMMU, _T_ZERO, _T_EZERO, _T_BRIGHT, _T_SAT, _T_SATC = range(8)
 _N_TILE_STATS = 8
@@ -177,6 +190,7 @@ def _names() -> tuple[str, ...]:
     n += [f"ice_ring_z_{d:.3f}A" for d in ICE_LINES_A[:3]]
     n += ["ice_ring_z_weak_lines_max", "ice_ring_log2_contrast_max"]
     n += ["row_tile_bright_max", "col_band_bright_max"]
+    n += ["overload_core"]
     return tuple(n)
 
 
@@ -858,6 +872,92 @@ _SECTOR_UX = np.cos((np.arange(N_ICE_SECTORS) + 0.5) * (2.0 * math.pi / N_ICE_SE
 _SECTOR_UY = np.sin((np.arange(N_ICE_SECTORS) + 0.5) * (2.0 * math.pi / N_ICE_SECTORS))
 
 
+@njit(cache=True, nogil=True)
+def _overload_count(frame, index, nbins, cx, cy, half, sat, lo_valid, hi_valid):
+    """Pixels >= ``sat`` with a valid 4-neighbour >= ``sat / 4`` inside the boxes
+    ``cy +- half`` (rows) x ``cx +- half`` (columns), each pixel counted once
+    where boxes overlap. Masked (index >= nbins) and out-of-range pixels never
+    count, neither as the pixel nor as its neighbour."""
+    ny, nx = frame.shape
+    sat_c = sat / 4.0
+    n = 0
+    for k in range(cx.shape[0]):
+        i0 = max(cy[k] - half[k], 0)
+        i1 = min(cy[k] + half[k] + 1, ny)
+        j0 = max(cx[k] - half[k], 0)
+        j1 = min(cx[k] + half[k] + 1, nx)
+        for i in range(i0, i1):
+            for j in range(j0, j1):
+                if np.int64(index[i, j]) >= nbins:
+                    continue
+                v = np.float64(frame[i, j])
+                if not (v >= sat and v >= lo_valid and v <= hi_valid):
+                    continue
+                bright = False
+                for d in range(4):
+                    ii = i + (1 if d == 0 else (-1 if d == 1 else 0))
+                    jj = j + (1 if d == 2 else (-1 if d == 3 else 0))
+                    if ii < 0 or ii >= ny or jj < 0 or jj >= nx or np.int64(index[ii, jj]) >= nbins:
+                        continue
+                    w = np.float64(frame[ii, jj])
+                    if w >= sat_c and w >= lo_valid and w <= hi_valid:
+                        bright = True
+                        break
+                if not bright:
+                    continue
+                seen = False  # already counted in an earlier box
+                for q in range(k):
+                    if abs(i - cy[q]) <= half[q] and abs(j - cx[q]) <= half[q]:
+                        seen = True
+                        break
+                if not seen:
+                    n += 1
+    return n
+
+
+def overload_count(frame: np.ndarray, index: np.ndarray, nbins: int, peaks, saturation: float, *,
+                   lo_valid: float = 0.0, hi_valid: float = 1.0e300) -> int:
+    """Overloaded pixels of the saturated peaks, at full resolution.
+
+    Around every peak whose brightest pixel reaches ``saturation``, a box of
+    centroid +- min(floor(sqrt(npix)) + 2, :data:`OVERLOAD_BOX_MAX`) px is
+    read; a pixel counts when it is >= ``saturation`` and a 4-neighbour is >=
+    ``saturation / 4`` (both valid: ``index < nbins`` and within
+    ``lo_valid..hi_valid``). Overlapping boxes count a pixel once. The main
+    pass reads every 4th row and sees about a quarter of these pixels.
+
+    Parameters
+    ----------
+    frame : ndarray, shape (rows, columns)
+        Kernel-dtype frame (see :func:`frame_features`).
+    index : ndarray, shape (rows, columns)
+        Radial bin per pixel; ``index >= nbins`` is masked.
+    nbins : int
+        Number of radial bins.
+    peaks : Peaks or None
+        :func:`edge.find_peaks` result (centroid ``x`` column, ``y`` row, px).
+    saturation : float
+        Count cutoff; <= 0 gives 0.
+    lo_valid, hi_valid : float
+        Valid value range (see :func:`edge.background.prepare_frame`).
+
+    Returns
+    -------
+    int
+    """
+    if peaks is None or len(peaks) == 0 or not saturation or saturation <= 0:
+        return 0
+    top = np.asarray(peaks.max_value, np.float64) >= saturation
+    if not top.any():
+        return 0
+    cx = np.floor(np.asarray(peaks.x, np.float64)[top] + 0.5).astype(np.int64)
+    cy = np.floor(np.asarray(peaks.y, np.float64)[top] + 0.5).astype(np.int64)
+    half = np.minimum(np.floor(np.sqrt(np.asarray(peaks.npix, np.float64)[top])).astype(np.int64) + 2,
+                      OVERLOAD_BOX_MAX)
+    return int(_overload_count(frame, index, np.int64(nbins), cx, cy, half, float(saturation), float(lo_valid),
+                               float(hi_valid)))
+
+
 # ---------------------------------------------------------------------------
 # Per-geometry tables (cached on the Geometry instance)
 # ---------------------------------------------------------------------------
@@ -1255,6 +1355,14 @@ def frame_features_from_parts(arr: np.ndarray, geometry: Geometry, stats: Radial
     if good.any():
         out[k + 1] = float((band_cols[1, good] / band_cols[0, good]).max())
     k += 2
+    # overloaded spot cores at full resolution, as a 0/1 indicator of the
+    # label's rule: the sampled rows see ~1 in 4 of these pixels, and as a
+    # count the network did not make the 3-vs-4 cut (one pixel was within
+    # the training input noise)
+    n_over = overload_count(arr, stats.bins.index, stats.bins.nbins, peaks, sat, lo_valid=lo_valid,
+                            hi_valid=hi_valid)
+    out[k] = 1.0 if n_over >= MIN_OVERLOAD_PIXELS else 0.0
+    k += 1
     assert k == N_FEATURES
     return out.astype(np.float32)
 

@@ -160,15 +160,18 @@ def _seed_kernel(frame, index, mean, var, peak, seed_sigma, seed_skew, lo_valid,
     """Seeds (see :func:`threshold_pixels`). ``ipeak`` (int64, indexed by the
     raw cell index, masked cells = int64 max) and ``ihi`` give pass 1 an
     integer-only test for raw integer frames (about twice as fast as the float
-    test); an empty ``ipeak`` selects the float test."""
+    test); an empty ``ipeak`` selects the float test.
+
+    ``cap`` seeds at most are kept from each half of the rows (the first in
+    row order), whatever the number of chunks (an even number: the middle
+    chunk boundary is then the half boundary), so the result does not depend
+    on the thread count."""
     ny, nx = frame.shape
     ncell = mean.shape[0]
     use_int = ipeak.shape[0] > 0
     seeds = np.empty((nchunks, cap), dtype=np.int64)
-    counts = np.empty(nchunks, dtype=np.int64)
-    overflow = np.empty(nchunks, dtype=np.bool_)
+    counts = np.empty(nchunks, dtype=np.int64)  # seeds found (also beyond cap)
     for c in prange(nchunks):  # the only parallel region (see background._zero)
-        overflow[c] = False
         k = 0
         cols = np.empty(nx, dtype=np.int64)
         for i in range(c * ny // nchunks, (c + 1) * ny // nchunks):
@@ -203,20 +206,27 @@ def _seed_kernel(frame, index, mean, var, peak, seed_sigma, seed_skew, lo_valid,
                 if s > seed_sigma * np.sqrt(sv) + seed_skew:
                     if k < cap:
                         seeds[c, k] = i * nx + j
-                        k += 1
-                    else:
-                        overflow[c] = True
+                    k += 1
         counts[c] = k
+    half = nchunks // 2
     total = 0
-    for c in range(nchunks):
-        total += counts[c]
+    overflow = False
+    for h in range(2):
+        found = 0
+        for c in range(h * half, (h + 1) * half):
+            found += counts[c]
+        total += min(found, cap)
+        overflow = overflow or found > cap
     out = np.empty(total, dtype=np.int64)
     p = 0
-    for c in range(nchunks):
-        for k in range(counts[c]):
-            out[p] = seeds[c, k]
-            p += 1
-    return out, overflow.any()
+    for h in range(2):
+        left = cap
+        for c in range(h * half, (h + 1) * half):
+            for k in range(min(counts[c], cap, left)):
+                out[p] = seeds[c, k]
+                p += 1
+            left -= min(counts[c], cap, left)
+    return out, overflow
 
 
 @njit(cache=True, nogil=True)
@@ -430,9 +440,12 @@ def _thresholds_from_maps(mean_map, var_map, valid, *, seed_sigma, grow_sigma, p
 
 def threshold_pixels(frame: np.ndarray, thresholds: Thresholds, *, lo_valid: float = 0.0,
                      hi_valid: float = _BIG, max_candidates: int = 1 << 18) -> tuple[np.ndarray, bool]:
-    """Seed pixels (flat indices, row-major) and whether the buffer overflowed."""
-    nch = _nchunks()
-    cap = max(1, int(max_candidates) // nch)
+    """Seed pixels (flat indices, row-major) and whether the buffer overflowed.
+
+    At most ``max_candidates // 2`` seeds per half of the rows (the first in
+    row order), independent of the Numba thread count."""
+    nch = _nchunks()  # even
+    cap = max(1, int(max_candidates) // 2)
     ipeak, ihi = _integer_peak_table(frame, thresholds, lo_valid, hi_valid)
     return _seed_kernel(frame, thresholds.index, thresholds.mean, thresholds.var, thresholds.peak,
                         thresholds.seed_sigma, thresholds.seed_skew, float(lo_valid), float(hi_valid), cap, nch,

@@ -2,7 +2,8 @@
 
 One command regenerates the simulated data (cached under ``runs/`` only as a
 speed-up), trains an ensemble of small Keras MLPs (averaged in one graph) on
-:func:`edge.features.frame_features`,
+:func:`edge.features.frame_features` (all but :data:`HEAD_ONLY`), calibrates
+them, fits the saturation head (see :func:`attach_head`),
 tunes per-class thresholds on a validation split, evaluates on a held-out
 split, and writes
 
@@ -53,8 +54,8 @@ GATED_HELDOUT = (200_000, 200_200)
 FRESH_SEEDS_FROM = 900_000
 #: Seeds per cache file.
 BLOCK = 2000
-RECIPE_VERSION = 7  # bump when edge.anomaly_data or edge.features change
-MODEL_VERSION = 7
+RECIPE_VERSION = 13  # bump when edge.anomaly_data or edge.features change
+MODEL_VERSION = 13
 CLIP = 6.0  # standardised features are clipped to +-CLIP before the network
 HIDDEN = (128, 64)
 #: A tuned class threshold replaces 0.5 only when it gains this much
@@ -83,6 +84,17 @@ SEED = 1234
 DISABLED = ("row_z_min", "col_z_min", "row_z_max", "col_z_max", "log2_bright_run_max", "log_rows_long_bright_run") + tuple(
     f"grid_r{r}_s{s}" for r in (0, 1) for s in range(8)) + ("harmonic1_r0", "harmonic1_r1")
 DISABLED_STD = 1.0e30
+#: Inputs the members do not read; only the head of HEAD_CLASS does (see
+#: attach_head). ``overload_core`` is the saturation label's own rule measured
+#: at full resolution around saturated peaks: as a member input (v12) the
+#: saturation gain came with retraining noise in every other class, so the
+#: members stay as trained without it and one pass-through unit per layer
+#: carries it to the saturation logit.
+HEAD_ONLY = ("overload_core",)
+HEAD_CLASS = "saturation"
+#: Largest weight of the head input on the saturation logit (the indicator
+#: implies the label, so an unbounded fit would diverge).
+HEAD_WEIGHT_MAX = 12.0
 
 
 def _chunk(args):
@@ -182,6 +194,7 @@ def build_model(n_in: int, n_out: int):
 
 
 def train(xs, ys, xv, yv, *, epochs: int = EPOCHS):
+    """Members trained on ``xs`` (the member columns); returns the inference model."""
     import keras
     import tensorflow as tf
 
@@ -193,6 +206,155 @@ def train(xs, ys, xv, yv, *, epochs: int = EPOCHS):
     train_model.fit(xs, [ys] * MEMBERS, validation_data=(xv, [yv] * MEMBERS), epochs=epochs, batch_size=BATCH,
                     shuffle=True, verbose=0, callbacks=[sched])
     return model
+
+
+# ---------------------------------------------------------------------------
+# Member weights as NumPy, the saturation head, and the exported graph
+# ---------------------------------------------------------------------------
+def member_weights(model) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """[(W, b) per Dense layer] per member of an inference model (float32)."""
+    out = []
+    for m in range(MEMBERS):
+        dense = [layer for layer in model.layers
+                 if layer.__class__.__name__ == "Dense" and layer.name.startswith(f"m{m}_")]
+        out.append([tuple(np.asarray(a, np.float32) for a in layer.get_weights()) for layer in dense])
+    return out
+
+
+def load_members(folder: Path, member_names: list[str], mean: np.ndarray, std: np.ndarray):
+    """Calibrated member weights of a shipped model (``anomaly.onnx`` and
+    ``model_card.json`` in ``folder``) and its card.
+
+    The loaded members must have read exactly ``member_names`` with the same
+    normalisation (so the data they were trained on is the data here)."""
+    import onnx
+    from onnx import numpy_helper
+
+    card = json.loads((folder / "model_card.json").read_text())
+    names = card["input"]["features"]
+    if names != member_names:
+        raise SystemExit(f"{folder}: the members read {len(names)} features, this recipe's members "
+                         f"{len(member_names)} (or another order)")
+    idx = [member_names.index(n) for n in names]
+    m0, s0 = np.asarray(card["input"]["mean"], np.float64), np.asarray(card["input"]["std"], np.float64)
+    if not (np.allclose(m0, mean[idx], rtol=1e-5, atol=1e-6) and np.allclose(s0, std[idx], rtol=1e-5, atol=1e-6)):
+        raise SystemExit(f"{folder}: input normalisation differs from this training split's: different data")
+    init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "anomaly.onnx")).graph.initializer}
+    members = []
+    for m in range(MEMBERS):
+        layers_ = []
+        k = 0
+        while f"m{m}_W{k}" in init:
+            layers_.append((init[f"m{m}_W{k}"].astype(np.float32), init[f"m{m}_B{k}"].astype(np.float32)))
+            k += 1
+        if [w.shape for w, _ in layers_] != [(len(member_names), HIDDEN[0]), (HIDDEN[0], HIDDEN[1]),
+                                              (HIDDEN[1], len(card["classes"]))]:
+            raise SystemExit(f"{folder}: member {m} is not a {len(member_names)}-{HIDDEN}-classes MLP")
+        members.append(layers_)
+    if f"m{MEMBERS}_W0" in init:
+        raise SystemExit(f"{folder}: more than {MEMBERS} members")
+    return members, card
+
+
+def logits_np(members, x: np.ndarray) -> np.ndarray:
+    """Member logits (members, n, classes), float64."""
+    out = []
+    for layers_ in members:
+        h = np.asarray(x, np.float64)
+        for k, (w, b) in enumerate(layers_):
+            h = h @ w.astype(np.float64) + b.astype(np.float64)
+            if k < len(layers_) - 1:
+                h = np.maximum(h, 0.0)
+        out.append(h)
+    return np.stack(out)
+
+
+def fit_head(z: np.ndarray, u: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(a, c, d) minimising the log loss of mean_m sigmoid(a z_m + c u + d).
+
+    z: member logits of the head class (members, n); u: head input (n,), 0/1;
+    y: labels. Coordinate descent on grids that start over the whole allowed
+    range and halve each sweep (deterministic); c is kept in [0,
+    HEAD_WEIGHT_MAX], a in [0.125, 4], d in [-6, 6]."""
+    yc = y > 0.5
+
+    def loss(a, c, d):
+        p = np.clip(_sigmoid(a * z + c * u[None, :] + d).mean(axis=0), 1e-7, 1 - 1e-7)
+        return -np.mean(np.where(yc, np.log(p), np.log(1 - p)))
+
+    a, c, d = 1.0, 0.0, 0.0
+    bounds = ((0.125, 4.0), (0.0, HEAD_WEIGHT_MAX), (-6.0, 6.0))
+    span = [hi - lo for lo, hi in bounds]  # the first sweep sees every allowed value
+    for _ in range(16):
+        for k in range(3):
+            cur = [a, c, d]
+            lo, hi = bounds[k]
+            grid = np.clip(np.linspace(cur[k] - span[k], cur[k] + span[k], 41), lo, hi)
+            vals = []
+            for g in grid:
+                cur[k] = g
+                vals.append(loss(*cur))
+            cur[k] = float(grid[int(np.argmin(vals))])
+            a, c, d = cur
+        span = [v * 0.5 for v in span]
+    return a, c, d
+
+
+def head_unit(mean_j: float, std_j: float) -> tuple[float, float]:
+    """(scale, shift) with relu(scale * x + shift) = the 0/1 head input, for
+    x its standardised, clipped value."""
+    x0 = float(np.clip((0.0 - mean_j) / std_j, -CLIP, CLIP))
+    x1 = float(np.clip((1.0 - mean_j) / std_j, -CLIP, CLIP))
+    if not x1 - x0 > 1e-3:
+        raise SystemExit("head input: 0 and 1 standardise to the same value (no variance in training)")
+    return 1.0 / (x1 - x0), -x0 / (x1 - x0)
+
+
+def attach_head(members, n_in: int, member_cols: list[int], head_col: int, unit: tuple[float, float],
+                cls: int, head: tuple[float, float, float]):
+    """Members widened by one pass-through unit per hidden layer: the head
+    input reaches class ``cls``'s logit as a z + c u + d, every other output
+    is unchanged (zero weights to and from the new units)."""
+    a, c, d = head
+    out = []
+    for (w0, b0), (w1, b1), (w2, b2) in members:
+        h0, h1 = w0.shape[1], w1.shape[1]
+        W0 = np.zeros((n_in, h0 + 1), np.float32)
+        W0[member_cols, :h0] = w0
+        W0[head_col, h0] = unit[0]
+        B0 = np.append(b0, np.float32(unit[1])).astype(np.float32)
+        W1 = np.zeros((h0 + 1, h1 + 1), np.float32)
+        W1[:h0, :h1] = w1
+        W1[h0, h1] = 1.0
+        B1 = np.append(b1, np.float32(0.0)).astype(np.float32)
+        W2 = np.zeros((h1 + 1, w2.shape[1]), np.float32)
+        W2[:h1] = w2
+        B2 = b2.astype(np.float32).copy()
+        W2[:h1, cls] *= a
+        B2[cls] = a * B2[cls] + d
+        W2[h1, cls] = c
+        out.append([(W0, B0), (W1, B1), (W2, B2)])
+    return out
+
+
+def inference_model(members, n_in: int):
+    """Keras graph of the mean of the members' sigmoid outputs (for export)."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((n_in,), name="features")
+    outs = []
+    for m, layers_ in enumerate(members):
+        h = inp
+        for k, (w, b) in enumerate(layers_):
+            last = k == len(layers_) - 1
+            dense = layers.Dense(w.shape[1], activation="sigmoid" if last else "relu",
+                                 name=f"m{m}_probabilities" if last else f"m{m}_dense{k}")
+            h = dense(h)
+            dense.set_weights([w, b])
+        outs.append(h)
+    avg = layers.Average(name="probabilities")(outs) if len(outs) > 1 else outs[0]
+    return keras.Model(inp, avg)
 
 
 def tune_thresholds(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -241,18 +403,7 @@ def metrics(flags: np.ndarray, y: np.ndarray, classes) -> dict:
 
 def member_logits(model, x: np.ndarray) -> np.ndarray:
     """Pre-sigmoid outputs (members, n, classes) of the inference model, in NumPy (float64)."""
-    out = []
-    for m in range(MEMBERS):
-        h = np.asarray(x, np.float64)
-        dense = [layer for layer in model.layers
-                 if layer.__class__.__name__ == "Dense" and layer.name.startswith(f"m{m}_")]
-        for k, layer in enumerate(dense):
-            w, b = (np.asarray(a, np.float64) for a in layer.get_weights())
-            h = h @ w + b
-            if k < len(dense) - 1:
-                h = np.maximum(h, 0.0)
-        out.append(h)
-    return np.stack(out)
+    return logits_np(member_weights(model), x)
 
 
 def _sigmoid(z):
@@ -443,6 +594,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-seeds", type=int, nargs=2, metavar=("LO", "HI"), default=None,
                     help=f"training seed range (default {SPLITS['train'][0]} {SPLITS['train'][1]}; for trial runs)")
     ap.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS}; for trial runs)")
+    ap.add_argument("--members-from", type=Path, default=None, metavar="DIR",
+                    help="take the (calibrated) members from a model folder (anomaly.onnx + model_card.json) "
+                         "instead of training them; only the saturation head is fitted")
     ap.add_argument("--gated-seeds", type=int, nargs=2, metavar=("LO", "HI"), default=list(GATED_HELDOUT),
                     help="held-out seed range re-simulated for the gated metrics")
     args = ap.parse_args(argv)
@@ -464,14 +618,36 @@ def main(argv=None) -> int:
     mean, std = mean.astype(np.float32), std.astype(np.float32)
     xs = {k: _standardise(v[0], mean, std) for k, v in data.items()}
 
-    model = train(xs["train"], ytr, xs["validation"], data["validation"][1], epochs=args.epochs)
     yv = data["validation"][1]
-    # calibration: per-class temperature on the validation split, folded into
-    # the members' output layers (so the int8 and float exports carry it)
-    p_val_raw = model.predict(xs["validation"], verbose=0)
-    p_held_raw = model.predict(xs["heldout"], verbose=0)
-    temps = fit_temperatures(member_logits(model, xs["validation"]), yv)
-    fold_temperatures(model, temps)
+    member_cols = [i for i, n in enumerate(FEATURE_NAMES) if n not in HEAD_ONLY]
+    member_names = [FEATURE_NAMES[i] for i in member_cols]
+    head_col = FEATURE_NAMES.index(HEAD_ONLY[0])
+    cls = CLASSES.index(HEAD_CLASS)
+    xm = {k: v[:, member_cols] for k, v in xs.items()}
+    if args.members_from is not None:
+        members, from_card = load_members(args.members_from, member_names, mean[member_cols], std[member_cols])
+        temps = np.array([from_card["calibration"]["temperatures"][c] for c in CLASSES])
+        p_val_raw = _sigmoid(logits_np(members, xm["validation"])).mean(axis=0)
+        p_held_raw = _sigmoid(logits_np(members, xm["heldout"])).mean(axis=0)
+        member_source = {"from": str(args.members_from), "version": from_card.get("version"),
+                         "onnx_sha256": _sha256((args.members_from / "anomaly.onnx").read_bytes()),
+                         "note": "members and their temperatures as shipped there; not retrained"}
+    else:
+        core = train(xm["train"], ytr, xm["validation"], yv, epochs=args.epochs)
+        # calibration: per-class temperature on the validation split, folded into
+        # the members' output layers (so the int8 and float exports carry it)
+        p_val_raw = core.predict(xm["validation"], verbose=0)
+        p_held_raw = core.predict(xm["heldout"], verbose=0)
+        temps = fit_temperatures(member_logits(core, xm["validation"]), yv)
+        fold_temperatures(core, temps)
+        members = member_weights(core)
+        member_source = {"from": "trained here"}
+    # the saturation head: a z + c u + d on each member's calibrated logit,
+    # fitted on the validation split (the members' training-split logits are
+    # overconfident, the head would learn nothing there)
+    head = fit_head(logits_np(members, xm["validation"])[:, :, cls], data["validation"][0][:, head_col], yv[:, cls])
+    unit = head_unit(float(mean[head_col]), float(std[head_col]))
+    model = inference_model(attach_head(members, N_FEATURES, member_cols, head_col, unit, cls, head), N_FEATURES)
     p_val = model.predict(xs["validation"], verbose=0)
     thr = tune_thresholds(p_val, yv)
 
@@ -491,7 +667,7 @@ def main(argv=None) -> int:
     agree_frames = float(np.mean((f_int8 == f_float).all(axis=1)))
     calibration = {
         "method": "per-class temperature on the members' logits, fitted on the validation split (log loss), "
-                  "folded into the output layers before export",
+                  "folded into the output layers before export; then the saturation head (see architecture)",
         "temperatures": {c: round(float(t), 4) for c, t in zip(CLASSES, temps)},
         "ece_bins": 10,
         "ece_validation": {"before": reliability(p_val_raw, yv, CLASSES), "after": reliability(p_val, yv, CLASSES)},
@@ -535,7 +711,17 @@ def main(argv=None) -> int:
         "architecture": {"type": f"mean of {MEMBERS} independently trained MLPs", "members": MEMBERS,
                          "hidden": list(HIDDEN), "activation": "relu", "output": "sigmoid",
                          "loss": "binary cross-entropy", "optimizer": "Adam 1e-3 then 3e-4",
-                         "epochs": EPOCHS, "batch": BATCH, "seed": SEED},
+                         "epochs": EPOCHS, "batch": BATCH, "seed": SEED,
+                         "member_inputs": f"all features but {', '.join(HEAD_ONLY)}",
+                         "members_source": member_source,
+                         "head": {"class": HEAD_CLASS, "input": HEAD_ONLY[0],
+                                  "form": "each member's logit a z + c u + d (u: the 0/1 input), carried by one "
+                                          "pass-through ReLU unit per hidden layer (hidden widths "
+                                          f"{HIDDEN[0] + 1}, {HIDDEN[1] + 1} in the files); zero weights "
+                                          "to and from every other unit, so the other classes are the members' own",
+                                  "a": round(head[0], 4), "c": round(head[1], 4), "d": round(head[2], 4),
+                                  "fitted_on": "validation split, log loss of the ensemble mean "
+                                               f"(c bounded to [0, {HEAD_WEIGHT_MAX:g}])"}},
         "data": {
             "generator": "edge.anomaly_data.make_example(seed) (edge.sim + anomaly knobs)",
             "recipe_version": RECIPE_VERSION,

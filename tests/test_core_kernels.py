@@ -177,6 +177,26 @@ def test_seed_kernel_reports_overflow():
     assert overflow and 0 < len(seeds) <= 8
 
 
+@given(frames(), st.integers(1, 40))
+@SETTINGS
+def test_seed_cap_does_not_depend_on_the_thread_count(data, cap):
+    # the kernel runs 2 x threads row chunks; the cap applies per half of the
+    # rows (the first seeds in row order), so 1, 2, 3 or 4 threads keep the
+    # same seeds, also when the buffer overflows
+    frame, index, ncell, rng = data
+    th = _random_thresholds(index, ncell, rng)
+    hi = _hi_valid(frame)
+    want = _ref_seeds(frame, th, 0.0, hi)
+    half = frame.shape[0] // 2 * frame.shape[1]  # first flat index of the second half
+    first, second = want[want < half], want[want >= half]
+    expect = np.concatenate([first[:cap], second[:cap]])
+    for nchunks in (2, 4, 6, 8):
+        got, overflow = sfm._seed_kernel(frame, th.index, th.mean, th.var, th.peak, th.seed_sigma, th.seed_skew,
+                                         0.0, hi, cap, nchunks, sfm._NO_TABLE, 0)
+        np.testing.assert_array_equal(got, expect)
+        assert overflow == (len(first) > cap or len(second) > cap)
+
+
 def _ref_label(frame, th, seeds, hi):
     ny, nx = frame.shape
     ncell = len(th.grow)

@@ -755,3 +755,59 @@ def test_centre_search_keeps_the_believed_centre_on_noise():
                              2.0, 12.0, 2.0, 2.0, 5.0)
         kept += got == (0.0, 0.0)
     assert kept == 20
+
+
+# --- overloaded spot cores (full resolution, around saturated peaks) ---------
+def ref_overload_count(frame, index, nbins, cx, cy, half, sat, lo, hi):
+    """NumPy reference of F._overload_count: union of the boxes, then the rule."""
+    f = frame.astype(np.float64)
+    ok = (index < nbins) & (f >= lo) & (f <= hi)
+    bright = ok & (f >= sat / 4.0)
+    nb = np.zeros_like(bright)
+    nb[1:, :] |= bright[:-1, :]
+    nb[:-1, :] |= bright[1:, :]
+    nb[:, 1:] |= bright[:, :-1]
+    nb[:, :-1] |= bright[:, 1:]
+    inbox = np.zeros(f.shape, bool)
+    for x, y, h in zip(cx, cy, half):
+        inbox[max(y - h, 0):max(y + h + 1, 0), max(x - h, 0):max(x + h + 1, 0)] = True
+    return int(np.count_nonzero(inbox & ok & (f >= sat) & nb))
+
+
+@settings(deadline=None, max_examples=60)
+@given(ny=st.integers(1, 40), nx=st.integers(1, 40), n_box=st.integers(0, 6), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(["int32", "uint16", "float32"]))
+def test_overload_count_matches_numpy(ny, nx, n_box, seed, dtype):
+    rng = np.random.default_rng(seed)
+    sat = 100.0
+    # a mix of saturated, bright (>= sat / 4), dim pixels and gap markers (1000 > hi)
+    frame = rng.choice(np.array([0, 10, 24, 25, 99, 100, 150, 1000]), (ny, nx)).astype(dtype)
+    nbins = 5
+    index = rng.integers(0, nbins + 1, (ny, nx)).astype(np.int32)  # nbins = masked
+    cx = rng.integers(-3, nx + 3, n_box).astype(np.int64)
+    cy = rng.integers(-3, ny + 3, n_box).astype(np.int64)
+    half = rng.integers(0, 6, n_box).astype(np.int64)
+    got = F._overload_count(frame, index, np.int64(nbins), cx, cy, half, sat, 0.0, 500.0)
+    assert got == ref_overload_count(frame, index, nbins, cx, cy, half, sat, 0.0, 500.0)
+
+
+def test_overload_core_is_the_saturation_label_rule_on_simulated_frames():
+    """Where every overloaded pixel belongs to a saturated peak, the count is
+    the label's own count (edge.anomaly_data.clustered_saturated); the
+    indicator is 1 exactly at >= 4."""
+    from edge.anomaly_data import MIN_SATURATED, clustered_saturated
+    from edge.spotfinding import find_peaks
+
+    assert F.MIN_OVERLOAD_PIXELS == MIN_SATURATED
+    j = F.FEATURE_NAMES.index("overload_core")
+    seen = set()
+    for seed, overload in ((11, 1.0), (12, 600.0), (13, 3000.0)):
+        sf = simulate(seed=seed, n_spots=300, overload=overload)
+        st_ = radial_stats(sf.frame, geometry=sf.geometry)
+        pk = find_peaks(sf.frame, geometry=sf.geometry, stats=st_)
+        n = F.overload_count(sf.frame, st_.bins.index, st_.bins.nbins, pk, sf.config.saturation)
+        assert n == clustered_saturated(sf.frame, sf.config.saturation)
+        f = F.frame_features(sf.frame, sf.geometry, stats=st_, peaks=pk)
+        assert f[j] == (1.0 if n >= MIN_SATURATED else 0.0)
+        seen.add(f[j])
+    assert seen == {0.0, 1.0}

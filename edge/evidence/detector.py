@@ -64,6 +64,8 @@ def saturation_evidence(peaks, features: np.ndarray, saturation: float | None) -
     dict
         ``saturated_peaks``, ``saturated_pixels_clustered`` (pixels at the
         cutoff with a bright neighbour, estimated from every 4th row),
+        ``overloaded_spot_core`` (>= 4 such pixels around the saturated
+        peaks, read at full resolution: the model's saturation-head input),
         ``largest_peak_px``, ``where_xy`` (up to 5 saturated peaks, px),
         ``cutoff_counts`` and ``verdict`` (``saturated`` or ``none``).
     """
@@ -76,7 +78,9 @@ def saturation_evidence(peaks, features: np.ndarray, saturation: float | None) -
     largest = int(np.max(peaks.npix)) if len(peaks) else 0
     n_sat = int(sat.sum())
     return {"verdict": "saturated" if (n_sat or clustered) else "none", "saturated_peaks": n_sat,
-            "saturated_pixels_clustered": clustered, "largest_peak_px": largest, "where_xy": where,
+            "saturated_pixels_clustered": clustered,
+            "overloaded_spot_core": bool(f[_IDX["overload_core"]] > 0.5),
+            "largest_peak_px": largest, "where_xy": where,
             "cutoff_counts": None if saturation is None else float(saturation)}
 
 

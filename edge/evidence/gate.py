@@ -135,8 +135,9 @@ def _why(cls: str, ev: dict) -> str:
     if cls == "beam_off_center":
         return ev.get("reason", ev.get("verdict", ""))
     if cls == "saturation":
-        return (f"{ev.get('saturated_peaks')} saturated peaks, ~{ev.get('saturated_pixels_clustered')} clustered "
-                f"saturated px, largest peak {ev.get('largest_peak_px')} px")
+        core = ", an overloaded spot core" if ev.get("overloaded_spot_core") else ""
+        return (f"{ev.get('saturated_peaks')} saturated peaks{core}, ~{ev.get('saturated_pixels_clustered')} "
+                f"clustered saturated px, largest peak {ev.get('largest_peak_px')} px")
     if cls == "detector_fault":
         regions = ev.get("dead_regions") or []
         txt = ", ".join(f"rows {r[0]}-{r[1]} cols {r[2]}-{r[3]}" for r in regions[:3])
