@@ -30,12 +30,17 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
-# one thread per worker process, fixed before numba/tensorflow load
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import numpy as np
 
-import numpy as np  # noqa: E402
+
+def _training_env() -> None:
+    """One Numba thread per data process, quiet TensorFlow: called before
+    numba or tensorflow load (by main and by each worker), not at import,
+    so importing this module (the tests do) leaves the caller's threads alone."""
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 
 MODELS = Path(__file__).resolve().parent
 ROOT = MODELS.parent
@@ -99,6 +104,7 @@ HEAD_WEIGHT_MAX = 12.0
 
 def _chunk(args):
     lo, hi = args
+    _training_env()
     from edge.anomaly_data import make_dataset
 
     return make_dataset(range(lo, hi))
@@ -457,6 +463,7 @@ def _gated_chunk(args):
     """Raw and gated flags of the non-excluded frames of seeds lo..hi-1 (the
     runtime's classify path: int8 model, then edge.evidence.EvidenceGate)."""
     lo, hi, blob, spec = args
+    _training_env()
     from edge.anomaly import AnomalyModel, make_interpreter
     from edge.anomaly_data import excluded, simulate_scenario
     from edge.background import radial_stats
@@ -587,6 +594,7 @@ def _sha256(data: bytes) -> str:
 
 
 def main(argv=None) -> int:
+    _training_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2, help="data-generation processes")
     ap.add_argument("--no-cache", action="store_true", help="regenerate data, do not read or write runs/")
@@ -772,7 +780,8 @@ def main(argv=None) -> int:
             "max_abs_prob_diff": round(float(np.abs(p_int8 - p_float).max()), 4),
             "onnx_vs_keras_max_abs_diff": float(np.abs(p_float - p_keras).max()),
         },
-        "command": "python -m models.train  (training venv; writes models/*)",
+        "command": ("python -m models.train" + (f" --members-from {args.members_from}" if args.members_from else "")
+                    + "  (training venv; writes models/*; see models/README.md, Reproduce)"),
         "tool_versions": _versions(),
         "training_seconds": round(time.time() - t0, 1),
     }

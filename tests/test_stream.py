@@ -404,7 +404,12 @@ def _run_lines(path):
 
 def _end_to_end(tmp_path, n):
     """Separate processes over loopback TCP; the same commands as the simulator path, on the same frames."""
-    port, proc = serve_process("--source", "scenario", "--frames", str(n), "--rate", "100", "--wait-client", "300")
+    # a generous send timeout: this test compares the two paths' commands, and
+    # the sender's drop-after-1-s (tested above) must not fire when a loaded
+    # machine starves the receiving process for a moment (seen in a CI run
+    # beside two busy processes: 422 of 540 frames sent)
+    port, proc = serve_process("--source", "scenario", "--frames", str(n), "--rate", "100", "--wait-client", "300",
+                               "--send-timeout", "120")
     res_stream, res_sim = tmp_path / "stream.jsonl", tmp_path / "sim.jsonl"
     run = subprocess.run(EDGE + ["run", "--source", f"tcp://127.0.0.1:{port}", "--series", "1", "--queue-size",
                                  str(n), "--results", str(res_stream), "--applied-log", str(tmp_path / "applied.jsonl"),
