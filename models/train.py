@@ -241,9 +241,8 @@ def load_members(folder: Path, member_names: list[str], mean: np.ndarray, std: n
     if names != member_names:
         raise SystemExit(f"{folder}: the members read {len(names)} features, this recipe's members "
                          f"{len(member_names)} (or another order)")
-    idx = [member_names.index(n) for n in names]
     m0, s0 = np.asarray(card["input"]["mean"], np.float64), np.asarray(card["input"]["std"], np.float64)
-    if not (np.allclose(m0, mean[idx], rtol=1e-5, atol=1e-6) and np.allclose(s0, std[idx], rtol=1e-5, atol=1e-6)):
+    if not (np.allclose(m0, mean, rtol=1e-5, atol=1e-6) and np.allclose(s0, std, rtol=1e-5, atol=1e-6)):
         raise SystemExit(f"{folder}: input normalisation differs from this training split's: different data")
     init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "anomaly.onnx")).graph.initializer}
     members = []
@@ -518,12 +517,9 @@ def export_onnx(model, n_in: int, classes) -> bytes:
 
     nodes, inits = [], []
     member_outs = []
-    for m in range(MEMBERS):
+    for m, dense in enumerate(member_weights(model)):
         cur = "features"
-        dense = [layer for layer in model.layers
-                 if layer.__class__.__name__ == "Dense" and layer.name.startswith(f"m{m}_")]
-        for k, layer in enumerate(dense):
-            w, b = (np.asarray(a, dtype=np.float32) for a in layer.get_weights())
+        for k, (w, b) in enumerate(dense):
             inits += [numpy_helper.from_array(w, f"m{m}_W{k}"), numpy_helper.from_array(b, f"m{m}_B{k}")]
             nodes.append(helper.make_node("MatMul", [cur, f"m{m}_W{k}"], [f"m{m}_mm{k}"]))
             nodes.append(helper.make_node("Add", [f"m{m}_mm{k}", f"m{m}_B{k}"], [f"m{m}_z{k}"]))
